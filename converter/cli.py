@@ -1,0 +1,7 @@
+"""``litefleet convert`` (filled in by the converter)."""
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pass
