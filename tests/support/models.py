@@ -59,8 +59,10 @@ def convert_tflite(keras_path: Path, mode: str = "float32") -> bytes:
     model = keras.models.load_model(keras_path)
     x_train, _, _, _ = digits_data()
     fn = tf.function(lambda x: model(x, training=False))
-    concrete = fn.get_concrete_function(tf.TensorSpec([1, 8, 8, 1], tf.float32))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, 8, 8, 1], tf.float32, name="image"))
+    # No trackable object: the converter then freezes the weights into constants instead of
+    # emitting resource variables (VAR_HANDLE/READ_VARIABLE) that delegates cannot take.
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
     if mode == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([x[None]] for x in x_train[:100])
