@@ -53,8 +53,9 @@ def verify(data: bytes, envelope: Any, trusted: Iterable[PublicKey], role: str, 
         raise SignatureError(f"{what} is signed by key {signer_id}, which is not a trusted key")
     for key in candidates:
         if key.role != role:
+            article = "an" if role[0] in "aeiou" else "a"
             raise SignatureError(
-                f"{what} is signed by key {signer_id}, a {key.role or 'role-less'} key; it needs a {role} key")
+                f"{what} is signed by key {signer_id}, a {key.role or 'role-less'} key; it needs {article} {role} key")
         try:
             key.key.verify(raw, data)
             return key
