@@ -12,6 +12,8 @@ class AgentError(LitefleetError):
 class ConfigError(AgentError):
     """The agent's configuration is invalid; the agent exits with EX_CONFIG (78)."""
 
+    exit_code = 78  # EX_CONFIG (sysexits.h): clikit returns it; a unit can list it in RestartPreventExitStatus
+
 
 class RuntimeUnavailableError(AgentError):
     """No TFLite runtime (ai-edge-litert, tflite-runtime, tensorflow.lite) can be imported."""
