@@ -95,3 +95,13 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, cwd: Path 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, check=check, env=full_env,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def delegate_plugin(gcc, tmp_path_factory) -> Path:
+    """The test delegate plugin (tests/plugins/test_delegate.c), built once per session.
+
+    It stands in for accelerator hardware (Edge TPU, GPU) that cannot exist here.
+    """
+    from tests.support.plugins import build_plugin
+    return build_plugin(gcc, tmp_path_factory.mktemp("plugins"))
