@@ -1,0 +1,286 @@
+"""The agent daemon: serve the active model, install new ones, watch health, report.
+
+It composes the parts and owns the main loop; every decision it takes is made by a part that
+is tested on its own (installer, health watch, spool). Installs and rollbacks are serialized
+by one lock; the inference API keeps answering from the old model until the new one is live.
+
+The loop sends WATCHDOG=1 only while the agent is healthy (the API threads alive, the spool
+writable), so systemd restarts an agent that hangs or breaks.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import __version__
+from agent import events as ev
+from agent.api import InferenceServer
+from agent.config import AgentConfig
+from agent.engine import LoadedModel, load_model, smoke_test
+from agent.errors import AgentError, ConfigError
+from agent.events import Event
+from agent.health import BREACH, HEALTHY, HealthWatch
+from agent.installer import Installer, InstallResult
+from agent.metrics import InferenceMetrics
+from agent.model_slot import ModelSlot
+from agent.notify import Notifier
+from agent.protocol import keys
+from agent.protocol.errors import KeyFileError, LitefleetError
+from agent.spool import Spool
+from agent.store import ModelStore
+from agent.telemetry import collect
+
+log = logging.getLogger("litefleet.agent")
+
+STATUS_FILE = "status.json"
+SPOOL_FILE = "spool.sqlite"
+RECENT_EVENTS = 20
+
+
+class Transport(Protocol):
+    """What the daemon needs from a link to the fleet (MQTT); absent on a standalone device."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def healthy(self) -> bool: ...
+
+
+def load_trusted(config: AgentConfig) -> list[keys.PublicKey]:
+    """The device's trusted keys; a missing or empty directory is a configuration error."""
+    try:
+        trusted = keys.load_trusted_dir(config.trusted_keys_dir)
+    except KeyFileError as exc:
+        raise ConfigError(f"{config.path}: trusted_keys_dir: {exc}") from None
+    if not any(k.role == "release" for k in trusted):
+        raise ConfigError(f"{config.path}: trusted_keys_dir: {config.trusted_keys_dir} holds no release*.pub key; "
+                          "the agent could never install a bundle")
+    return trusted
+
+
+class AgentDaemon:
+    """One device's agent. ``start()`` → ``tick()`` from a loop → ``stop()``."""
+
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.profile = config.load_profile()
+        self.trusted = load_trusted(config)
+        self.store = ModelStore(config.state_dir)
+        self.spool = Spool(config.state_dir / SPOOL_FILE, config.spool_max_rows)
+        self.metrics = InferenceMetrics()
+        self.slot = ModelSlot()
+        self.notifier = notifier or Notifier()
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self.started_at = time.time()
+        self.transport: Transport | None = None
+        self._lock = threading.RLock()        # installs and rollbacks, one at a time
+        self._health_lock = threading.Lock()  # the health watch is fed from API threads
+        self._health: HealthWatch | None = None
+        self._health_state: dict[str, Any] | None = None
+        self._next_telemetry = 0.0
+        self._last_p95: float | None = None
+        self.installer = Installer(self.store, self.trusted, self.profile, events=self.emit,
+                                   on_activate=self._activated, workers=config.api.workers)
+        api = config.api
+        self.server = InferenceServer(
+            self.slot, tcp=(api.tcp_host, api.tcp_port) if api.tcp_port else None,
+            unix_socket=api.unix_socket or None, on_inference=self._on_inference)
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the active model, open the API, then tell systemd we are ready."""
+        for note in self.store.recovered:
+            self.emit(Event(ev.AGENT_STARTED, f"model store recovered an interrupted install: {note}"))
+        self._load_active()
+        self.server.start()
+        model = self.slot.get()
+        self.emit(Event(ev.AGENT_STARTED, f"agent {__version__} started on profile {self.profile.name}"
+                        + (f", serving {model.name} v{model.version}" if model else ", no model installed yet"),
+                        {"profile": self.profile.name, "api": self.api_addresses()}))
+        if self.transport is not None:
+            self.transport.start()
+        self._write_status()
+        self.notifier.ready(self.summary())
+
+    def stop(self) -> None:
+        self.notifier.stopping("stopping")
+        if self.transport is not None:
+            self.transport.stop()
+        self.server.stop()
+        old = self.slot.swap(None)
+        if old is not None:
+            self.slot.wait_idle(old, timeout=5)
+            old.close()
+        self._write_status(running=False)
+        self.spool.close()
+
+    def run(self, stop: threading.Event) -> None:
+        """The main loop: telemetry, health verdicts and the watchdog until ``stop`` is set."""
+        self.start()
+        period = min(1.0, (self.notifier.watchdog_interval() or 2.0) / 2)
+        try:
+            while not stop.wait(period):
+                self.tick(time.time())
+        finally:
+            self.stop()
+
+    def tick(self, now: float) -> None:
+        """One turn of the loop; public so tests drive it with their own clock."""
+        self._check_health(time.monotonic())
+        if now >= self._next_telemetry:
+            self._next_telemetry = now + self.config.telemetry_interval_s
+            self.record_telemetry(now)
+        if self.healthy():
+            self.notifier.watchdog()
+
+    def healthy(self) -> bool:
+        threads_ok = all(t.is_alive() for t in getattr(self.server, "_threads", []))
+        transport_ok = self.transport is None or self.transport.healthy()
+        return threads_ok and transport_ok
+
+    # installs ----------------------------------------------------------------------------
+
+    def install_file(self, path: str | Path) -> InstallResult:
+        with self._lock:
+            return self.installer.install_file(path)
+
+    def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes, source: str) -> InstallResult:
+        with self._lock:
+            return self.installer.install_parts(manifest_bytes, signature_bytes, model, source)
+
+    def rollback(self, reason: str) -> InstallResult:
+        with self._lock:
+            return self.installer.rollback(reason)
+
+    def _activated(self, loaded: LoadedModel) -> None:
+        """The installer made ``loaded`` active: serve it, and watch its health."""
+        old = self.slot.swap(loaded)
+        baseline = self._last_p95
+        with self._health_lock:
+            self._health = HealthWatch(self.config.health, time.monotonic(), baseline)
+            self._health_state = None
+        if old is not None:
+            threading.Thread(target=self._retire, args=(old,), name="retire-model", daemon=True).start()
+        self._write_status()
+        self.notifier.status(self.summary())
+
+    def _retire(self, old: LoadedModel) -> None:
+        self.slot.wait_idle(old, timeout=30)
+        old.close()
+
+    def _load_active(self) -> None:
+        """Serve the active model at start; if it no longer loads, fall back to the previous one."""
+        active = self.store.active()
+        if active is None:
+            return
+        loaded = None
+        try:
+            verified = active.read_verified(self.trusted)
+            loaded = load_model(verified.model, verified.manifest, self.profile,
+                                workers=self.config.api.workers, events=self.emit)
+            smoke_test(loaded)
+        except (LitefleetError, OSError) as exc:
+            if loaded is not None:
+                loaded.close()
+            self.emit(Event(ev.INSTALL_FAILED, f"the active model {active.manifest.name} v{active.manifest.version} "
+                                               f"cannot be served ({exc}); rolling back to the previous one",
+                            {"code": "active_broken", "name": active.manifest.name,
+                             "version": active.manifest.version}))
+            result = self.installer.rollback(f"active model failed at start: {exc}")
+            if not result.ok:
+                log.error("no model can be served: %s", result.message)
+            return
+        self.slot.swap(loaded)
+
+    # health ------------------------------------------------------------------------------
+
+    def _on_inference(self, latency_ms: float, ok: bool) -> None:
+        self.metrics.record(latency_ms, ok)
+        watch = self._health
+        if watch is not None:
+            with self._health_lock:
+                watch.record(latency_ms, ok, time.monotonic())
+
+    def _check_health(self, now: float) -> None:
+        with self._health_lock:
+            watch = self._health
+            if watch is None:
+                return
+            verdict = watch.verdict(now)
+            self._health_state = verdict.to_dict()
+            if verdict.state == "watching":
+                return
+            self._health = None
+        if verdict.state == BREACH:
+            self.emit(Event(ev.HEALTH_BREACH, f"health watch: {verdict.reason}; rolling back", verdict.to_dict()))
+            self.rollback(f"health breach: {verdict.reason}")
+        elif verdict.state == HEALTHY:
+            log.info("health watch passed: %s", verdict.reason)
+
+    # reporting ---------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Every event is logged, spooled for the fleet, and kept for ``status``."""
+        log.info("%s: %s", event.kind, event.reason)
+        doc = event.to_dict()
+        self.recent.append(doc)
+        try:
+            self.spool.append("events", doc)
+        except AgentError as exc:
+            log.error("cannot spool event %s: %s", event.kind, exc)
+
+    def record_telemetry(self, now: float) -> dict[str, Any]:
+        model = self.slot.get()
+        info = {"name": model.name, "version": model.version, "sha256": model.sha256} if model else None
+        doc = collect(self.metrics, info, model.report.to_dict() if model else None,
+                      state_dir=self.config.state_dir, started_at=self.started_at, now=now)
+        doc["spool"] = {"pending": self.spool.pending(), "dropped": self.spool.dropped()}
+        p95 = (doc.get("inference") or {}).get("latency_ms", {}).get("p95")
+        if p95 is not None and self._health is None:
+            self._last_p95 = p95
+        try:
+            self.spool.append("telemetry", doc)
+        except AgentError as exc:
+            log.error("cannot spool telemetry: %s", exc)
+        self._write_status(telemetry=doc)
+        return doc
+
+    def api_addresses(self) -> dict[str, Any]:
+        tcp = self.server.tcp_address
+        return {"tcp": f"http://{tcp[0]}:{tcp[1]}" if tcp else None,
+                "unix_socket": str(self.server.unix_socket) if self.server.unix_socket else None}
+
+    def summary(self) -> str:
+        model = self.slot.get()
+        if model is None:
+            return f"no model; profile {self.profile.name}"
+        return f"serving {model.name} v{model.version} on {model.report.delegate} ({model.report.runtime})"
+
+    def status(self, telemetry: dict[str, Any] | None = None, running: bool = True) -> dict[str, Any]:
+        model = self.slot.get()
+        return {
+            "device_id": self.config.device_id, "fleet": self.config.fleet, "profile": self.profile.name,
+            "agent_version": __version__, "pid": os.getpid(), "running": running,
+            "started_at": self.started_at, "updated_at": time.time(), "summary": self.summary(),
+            "model": ({"name": model.name, "version": model.version, "sha256": model.sha256} if model else None),
+            "engine": model.report.to_dict() if model else None,
+            "store": self.store.status(), "api": self.api_addresses(), "health": self._health_state,
+            "spool": {"pending": self.spool.pending(), "dropped": self.spool.dropped()},
+            "telemetry": telemetry, "recent_events": list(self.recent),
+        }
+
+    def _write_status(self, telemetry: dict[str, Any] | None = None, running: bool = True) -> None:
+        """A snapshot for ``litefleet-agent status``, replaced atomically."""
+        try:
+            doc = self.status(telemetry, running)
+            keys.atomic_write(self.config.state_dir / STATUS_FILE,
+                              json.dumps(doc, indent=1, default=str).encode(), mode=0o640)
+        except (OSError, AgentError) as exc:
+            log.warning("cannot write %s: %s", STATUS_FILE, exc)
