@@ -56,7 +56,7 @@ def test_predict_npy_over_tcp_prints_top5(server, sample, tmp_path):
 def test_predict_json_over_unix_socket_without_batch_dim(server, sample):
     image, label, expected = sample
     result = run_cli("agent", "predict", "--socket", str(server["socket"]), "--model", "digits",
-                     "--json", json.dumps(image[0].tolist()), "--format", "json")
+                     "--data", json.dumps(image[0].tolist()), "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     np.testing.assert_allclose(np.asarray(doc["outputs"], np.float32)[0], expected, atol=1e-6)
@@ -64,10 +64,10 @@ def test_predict_json_over_unix_socket_without_batch_dim(server, sample):
 
 
 def test_predict_reports_the_servers_error(server):
-    result = run_cli("agent", "predict", "--url", server["url"], "--json", "[[1, 2, 3]]")
+    result = run_cli("agent", "predict", "--url", server["url"], "--data", "[[1, 2, 3]]")
     assert result.returncode == 2
     assert "HTTP 400" in result.stderr and "does not fit the model's [1, 8, 8, 1]" in result.stderr
-    result = run_cli("agent", "predict", "--url", server["url"], "--model", "cats", "--json", "[1]")
+    result = run_cli("agent", "predict", "--url", server["url"], "--model", "cats", "--data", "[1]")
     assert result.returncode == 2 and "model 'cats' is not served here" in result.stderr
 
 
@@ -75,8 +75,8 @@ def test_predict_without_an_agent_says_so(tmp_path):
     with socket.socket() as s:            # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run_cli("agent", "predict", "--url", f"http://127.0.0.1:{port}", "--json", "[1]")
+    result = run_cli("agent", "predict", "--url", f"http://127.0.0.1:{port}", "--data", "[1]")
     assert result.returncode == 2
     assert "cannot reach the inference API" in result.stderr and "is the agent running" in result.stderr
-    result = run_cli("agent", "predict", "--socket", str(tmp_path / "none.sock"), "--json", "[1]")
+    result = run_cli("agent", "predict", "--socket", str(tmp_path / "none.sock"), "--data", "[1]")
     assert result.returncode == 2 and "cannot reach the inference API" in result.stderr

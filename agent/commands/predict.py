@@ -93,14 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="NAME", help="model name (default: the one the agent serves)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--npy", type=Path, metavar="FILE", help="input tensor saved with numpy.save")
-    what.add_argument("--json", dest="json_input", metavar="JSON",
+    what.add_argument("--data", dest="json_input", metavar="JSON",
                       help="input tensor as nested lists, e.g. '[[0.1, 0.2]]' (the batch dimension may be "
                            "left out); a whole request body {\"instances\": ...} or {\"inputs\": ...}; "
                            "or @FILE to read it from a file")
     what.add_argument("--image", type=Path, metavar="FILE",
                       help="an image, resized to the model's input and scaled to [0, 1] (needs Pillow)")
-    p.add_argument("--format", choices=("text", "json"), default="text",
-                   help="json: print the API's answer as JSON")
+    p.add_argument("--json", action="store_true", help="print the API's answer as JSON")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S")
     p.set_defaults(func=_predict)
 
@@ -123,7 +122,7 @@ def _predict(args: argparse.Namespace) -> int:
             request = _json_request(args.json_input, client, path)
         answer = client.json("POST", path + ":predict", json.dumps(request).encode(),
                              {"Content-Type": "application/json"})
-    if args.format == "json":
+    if args.json:
         print_json(answer)
         return 0
     outputs = answer.get("outputs", answer.get("predictions"))
