@@ -9,6 +9,11 @@ from agent import __version__
 from agent.clikit import run
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "agent.commands.run",
+    "agent.commands.status",
+    "agent.commands.predict",
+    "agent.commands.install",
+    "agent.commands.install_bundle",
 )
 
 
