@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import __version__
+from agent import __version__, inbox
 from agent import events as ev
 from agent.api import InferenceServer
 from agent.config import AgentConfig
@@ -133,6 +133,7 @@ class AgentDaemon:
 
     def tick(self, now: float) -> None:
         """One turn of the loop; public so tests drive it with their own clock."""
+        inbox.take_one(self.config.state_dir, self._install_from_inbox)
         self._check_health(time.monotonic())
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.config.telemetry_interval_s
@@ -154,6 +155,10 @@ class AgentDaemon:
     def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes, source: str) -> InstallResult:
         with self._lock:
             return self.installer.install_parts(manifest_bytes, signature_bytes, model, source)
+
+    def _install_from_inbox(self, path: Path) -> dict[str, Any]:
+        result = self.install_file(path)
+        return {**result.to_dict(), "message": result.message}
 
     def rollback(self, reason: str) -> InstallResult:
         with self._lock:

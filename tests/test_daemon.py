@@ -78,6 +78,17 @@ def test_agent_process_serves_its_model_tells_systemd_and_spools_telemetry(
         assert info["snapshot"]["engine"]["threads"] == 2
         human = run_cli("agent", "status", "--config", str(device.config)).stdout
         assert "active model:   digits v1" in human and "delegate xnnpack" in human
+
+        # With the daemon running, install-bundle hands the file over and the daemon switches.
+        v2 = make_bundle(tmp_path / "v2.lfb", digits_tflite_int8, release_key, version=2, mode="int8")
+        upgraded = run_cli("agent", "install-bundle", str(v2), "--config", str(device.config), "--json")
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert json.loads(upgraded.stdout)["via"] == "daemon"
+        answer = ApiClient(unix_socket=str(device.socket)).json(
+            "POST", "/v1/models/digits:predict", json.dumps({"instances": [x_test[0].tolist()]}).encode())
+        assert answer["model_version"] in (2, "2")
+        again = run_cli("agent", "install-bundle", str(v2), "--config", str(device.config))
+        assert again.returncode == 1 and "not_newer" in again.stderr
     finally:
         assert agent.stop() == 0, agent.log()
     assert any("STOPPING=1" in m for m in _datagrams(sock, "STOPPING=1", timeout=10))

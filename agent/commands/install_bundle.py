@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent import inbox
 from agent.clikit import print_json
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.errors import ConfigError
@@ -71,6 +72,8 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Path, profiles.Profile]:
 
 def _install_bundle(args: argparse.Namespace) -> int:
     state_dir, trust_dir, profile = _settings(args)
+    if inbox.daemon_running(state_dir):
+        return _through_daemon(args, state_dir)
     try:
         trusted = keys.load_trusted_dir(trust_dir)
     except KeyFileError as exc:
@@ -88,5 +91,18 @@ def _install_bundle(args: argparse.Namespace) -> int:
         print(result.message)
     if not result.ok:
         print(f"litefleet-agent: install refused ({result.code}): {result.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    return 0
+
+
+def _through_daemon(args: argparse.Namespace, state_dir: Path) -> int:
+    """The daemon owns the store: let it install, so it also switches the model it serves."""
+    result = inbox.submit(state_dir, args.file)
+    if args.json:
+        print_json({**result, "via": "daemon"})
+    elif result.get("ok"):
+        print(result.get("message"))
+    if not result.get("ok"):
+        print(f"litefleet-agent: install refused ({result.get('code')}): {result.get('message')}", file=sys.stderr)
         return EXIT_REFUSED
     return 0
