@@ -1,0 +1,99 @@
+"""The conversion report: one dict with every fact, rendered for a person or written as JSON.
+
+The same document is printed with ``--json``, written beside the bundle as
+``{name}-v{version}-{profile}.report.json`` and (its validation part) signed into the
+manifest, so what a person reads is what the device was promised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.keys import atomic_write
+
+REPORT_FORMAT = "litefleet.convert-report"
+REPORT_VERSION = 1
+
+
+def document(*, ok: bool, name: str, version: int, profile: str, source: dict[str, Any],
+             quantization: dict[str, Any] | None, validation: dict[str, Any] | None,
+             accelerator: dict[str, Any] | None = None, estimates: dict[str, Any] | None = None,
+             forced: list[str] | None = None, bundle: str | None = None, report: str | None = None,
+             error: str | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report document; ``ok`` means a signed bundle was written."""
+    return {
+        "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
+        "ok": ok, "signed": bundle is not None, "bundle": bundle, "report": report, "error": error,
+        "name": name, "version": version, "profile": profile,
+        "source": source, "data": data or {}, "quantization": quantization or {},
+        "accelerator": accelerator or {}, "estimates": estimates or {},
+        "validation": validation or {}, "forced": list(forced or []),
+    }
+
+
+def write(path: Path, doc: dict[str, Any]) -> Path:
+    """Write the report atomically (the output folder never holds a partial file)."""
+    atomic_write(Path(path), (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), mode=0o644)
+    return Path(path)
+
+
+def lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The human report as (style, text) lines; pure, so it can be tested and printed anywhere."""
+    out: list[tuple[str, str]] = []
+    src = doc.get("source", {})
+    quant = doc.get("quantization", {})
+    out.append(("bold", f"{doc['name']} v{doc['version']} for profile {doc['profile']}"))
+    out.append(("", f"  source: {src.get('path', '?')} ({src.get('kind', '?')})"))
+    if quant:
+        settings = quant.get("settings") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()) if not isinstance(v, (dict, list)))
+        out.append(("", f"  quantization: {quant.get('mode')} ({quant.get('input_type')} in, "
+                        f"{quant.get('output_type')} out), {quant.get('calibration_samples', 0)} calibration samples"
+                        + (f"; {shown}" if shown else "")))
+    for purpose, what in (doc.get("data") or {}).items():
+        out.append(("", f"  {purpose} data: {what}"))
+    accel = doc.get("accelerator") or {}
+    if accel:
+        mapped = (f", {accel['ops_mapped']}/{accel['ops_total']} ops mapped"
+                  if accel.get("ops_mapped") is not None and accel.get("ops_total") else "")
+        out.append(("", f"  accelerator: {accel.get('target')} (compiled: {accel.get('compiled')}){mapped}"
+                        + (f"; {accel['note']}" if accel.get("note") else "")))
+    validation = doc.get("validation") or {}
+    checks = validation.get("checks", [])
+    if checks:
+        out.append(("bold", "checks:"))
+    for check in checks:
+        verdict = "PASS" if check["ok"] else "FAIL"
+        if check["ok"] and check.get("details", {}).get("warnings"):
+            verdict = "WARN"
+        style = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}[verdict]
+        out.append((style, f"  {verdict}  {check['name']:<9} {check['summary']}"))
+        details = check.get("details", {})
+        for layer in details.get("worst_layers", []) or []:
+            out.append(("", f"          {layer['layer']} ({layer['op']}): rmse/scale {layer['rmse_over_scale']:.3g}"))
+        if details.get("debugger_note"):
+            out.append(("", f"          {details['debugger_note']}"))
+        macro = (details.get("macro") or {}).get("converted")
+        if macro:
+            out.append(("", f"          macro precision {macro['precision']:.3f}, recall {macro['recall']:.3f}, "
+                            f"F1 {macro['f1']:.3f} over {len(details.get('per_class', {}))} classes"))
+    for note in validation.get("notes", []):
+        out.append(("dim", f"  note: {note}"))
+    if doc.get("forced"):
+        out.append(("bold yellow", f"FORCED past failed checks: {', '.join(doc['forced'])}"))
+    if doc.get("bundle"):
+        out.append(("bold green", f"signed bundle: {doc['bundle']}"))
+        out.append(("", f"report: {doc['report']}"))
+    elif validation and not validation.get("ok", True):
+        out.append(("bold red", f"NOT signed: failed checks {', '.join(validation.get('failed', []))}; "
+                                "nothing was written"))
+    return out
+
+
+def render(doc: dict[str, Any], console) -> None:
+    """Print the human report on a rich console (plain text when it is not a terminal)."""
+    from rich.markup import escape
+    for style, text in lines(doc):
+        console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), soft_wrap=True)
