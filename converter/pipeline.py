@@ -9,6 +9,7 @@ given for the checks that may be forced); the bundle and its report are written 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -234,6 +235,9 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
     records them in the manifest's ``forced``; never past a runtime that cannot load the model.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's converter logs deprecation chatter through absl at WARNING; our own progress
+    # lines say what is happening, and real failures arrive as exceptions.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     from .data import load_dataset
     from .models import load_source
     from .quantize import convert

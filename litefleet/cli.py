@@ -15,6 +15,7 @@ from agent.clikit import run
 COMMAND_MODULES = (
     "litefleet.protocol_commands",  # keys, profiles, bundle
     "converter.cli",                # convert
+    "litefleet.demo",               # demo
     "fleet.cli_broker",             # broker config
 )
 
