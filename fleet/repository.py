@@ -1,0 +1,423 @@
+"""The host's bundle repository: a content-addressed store on disk and the MQTT service that
+answers devices' chunk requests.
+
+Store layout, one directory per model (its sha256 is the blob id a deploy command names)::
+
+    <root>/blobs/<model sha256>/manifest.json
+                               /manifest.sig
+                               /model.tflite
+
+A bundle is verified against the trusted release keys before anything is written, and each
+blob directory appears whole or not at all (written beside, then renamed into place).
+
+The service listens to every device's ``chunkreq`` topic and publishes on the blob's ONE
+shared stream ``blob/{sha}/chunks``, so that 100 devices fetching a model cost one copy of it
+on the host's uplink. Requests for chunks published in the last ``merge_window_s`` seconds are
+merged (every device subscribed to the stream before asking, so it has that copy coming); a
+device that asks again later, having missed it, is served again. The head (manifest and
+signature, signed and small) is published retained, so a device that subscribes just after
+it went out still gets it at once instead of waiting out a retry.
+
+A request for a blob the repository does not hold gets no answer (the request is logged and
+counted as ``unknown``): nothing a device receives unsigned may change what it does, so the
+device's own deadline ends the transfer with "repository did not answer for blob X".
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.protocol import bundle as bundle_mod
+from agent.protocol import messages
+from agent.protocol.errors import BundleError, LitefleetError
+from agent.protocol.keys import PublicKey
+from agent.protocol.manifest import MODEL_FILENAME, Manifest
+from agent.protocol.topics import Topics, parse
+
+log = logging.getLogger("litefleet.repository")
+
+HEAD = -1                      # the ChunkScheduler's key for a blob's head (manifest + signature)
+DEFAULT_MERGE_WINDOW_S = 1.0
+CHUNK_EXPIRY_S = 120           # MQTT 5: the broker drops chunks nobody fetched within this time
+HEAD_EXPIRY_S = 3600           # MQTT 5: lifetime of a blob's retained head
+MAX_CHUNKS_PER_REQUEST = 1024  # a longer list is a malformed request
+
+
+class RepositoryError(LitefleetError):
+    """The repository cannot store or serve a bundle."""
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """One blob in the store: its verified manifest and where its model lies."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature_bytes: bytes
+    model_path: Path
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.sha256
+
+    @property
+    def count(self) -> int:
+        return len(self.manifest.chunks)
+
+    def read_chunk(self, index: int) -> bytes:
+        """The bytes of chunk ``index`` (read from disk: the page cache keeps hot blobs cheap)."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"chunk {index} is out of range for blob {self.sha256} ({self.count} chunks)")
+        start = index * self.manifest.chunk_size
+        length = min(self.manifest.chunk_size, self.manifest.size - start)
+        with open(self.model_path, "rb") as handle:
+            return os.pread(handle.fileno(), length, start)
+
+
+class BlobStore:
+    """Content-addressed bundles on disk; only bundles signed by a trusted release key get in."""
+
+    def __init__(self, root: str | os.PathLike[str], trusted: Iterable[PublicKey]) -> None:
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs"
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self.trusted = list(trusted)
+
+    def add_bundle(self, path: str | os.PathLike[str]) -> Manifest:
+        """Verify a bundle file (signature, then model hashes) and store it; return its manifest."""
+        parts = bundle_mod.read_bundle(path)
+        try:
+            verified = bundle_mod.verify(parts, self.trusted)
+        except BundleError as exc:
+            raise RepositoryError(f"{path}: refused, not stored: {exc}") from None
+        return self._write(verified.manifest, parts.manifest_bytes, parts.signature_bytes, parts.model)
+
+    def add_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes) -> Manifest:
+        """Like :meth:`add_bundle` for parts already in memory."""
+        try:
+            verified = bundle_mod.verify(bundle_mod.Bundle(manifest_bytes, signature_bytes, model), self.trusted)
+        except BundleError as exc:
+            raise RepositoryError(f"bundle refused, not stored: {exc}") from None
+        return self._write(verified.manifest, manifest_bytes, signature_bytes, model)
+
+    def _write(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, model: bytes) -> Manifest:
+        final = self.blobs_dir / manifest.sha256
+        if final.is_dir() and _read(final / bundle_mod.MANIFEST_NAME) == manifest_bytes \
+                and _read(final / bundle_mod.SIGNATURE_NAME) == signature_bytes:
+            return manifest  # already stored, byte for byte
+        tmp = self.blobs_dir / f".tmp-{manifest.sha256[:16]}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for name, data in ((bundle_mod.MANIFEST_NAME, manifest_bytes),
+                               (bundle_mod.SIGNATURE_NAME, signature_bytes), (MODEL_FILENAME, model)):
+                with open(tmp / name, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if final.exists():  # same model, another manifest (re-signed, new version): replace it
+                old = self.blobs_dir / f".old-{manifest.sha256[:16]}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(self.blobs_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    def get(self, sha256: str) -> StoredBlob | None:
+        """The stored blob, or None when the store does not hold it."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            return None
+        directory = self.blobs_dir / sha256
+        manifest_bytes = _read(directory / bundle_mod.MANIFEST_NAME)
+        signature_bytes = _read(directory / bundle_mod.SIGNATURE_NAME)
+        if manifest_bytes is None or signature_bytes is None or not (directory / MODEL_FILENAME).is_file():
+            return None
+        try:
+            manifest = Manifest.parse(manifest_bytes, str(directory / bundle_mod.MANIFEST_NAME))
+        except BundleError as exc:
+            log.error("stored blob %s is damaged: %s", sha256, exc)
+            return None
+        return StoredBlob(manifest, manifest_bytes, signature_bytes, directory / MODEL_FILENAME)
+
+    def list(self) -> list[str]:
+        return sorted(p.name for p in self.blobs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- pure decisions --------------------------------------------------------------------------------
+
+
+class ChunkScheduler:
+    """Which requested items to publish now: those not published in the last ``window_s`` seconds.
+
+    Pure (time is passed in). Items are chunk indices, or :data:`HEAD` for the manifest.
+    """
+
+    def __init__(self, window_s: float = DEFAULT_MERGE_WINDOW_S) -> None:
+        if window_s < 0:
+            raise ValueError(f"merge window must be >= 0 seconds, got {window_s}")
+        self.window_s = window_s
+        self._sent: dict[str, dict[int, float]] = {}
+        self._pruned_at = float("-inf")
+
+    def claim(self, blob: str, items: Iterable[int], now: float) -> list[int]:
+        """Return the items to publish now (in ascending order) and record them as sent at ``now``."""
+        self._prune(now)
+        sent = self._sent.setdefault(blob, {})
+        out = []
+        for item in sorted(set(items)):
+            at = sent.get(item)
+            if at is not None and now - at < self.window_s:
+                continue
+            sent[item] = now
+            out.append(item)
+        return out
+
+    def recently_sent(self, blob: str, item: int, now: float) -> bool:
+        at = self._sent.get(blob, {}).get(item)
+        return at is not None and now - at < self.window_s
+
+    def clear(self) -> None:
+        """Forget everything (after a reconnect: what was 'on its way' may have been lost)."""
+        self._sent.clear()
+
+    def _prune(self, now: float) -> None:
+        if now - self._pruned_at < self.window_s:
+            return
+        self._pruned_at = now
+        for blob in list(self._sent):
+            entries = {i: t for i, t in self._sent[blob].items() if now - t < self.window_s}
+            if entries:
+                self._sent[blob] = entries
+            else:
+                del self._sent[blob]
+
+
+class Throttle:
+    """Allow one thing per key per ``interval_s`` (log lines about one misbehaving device)."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            return False
+        if len(self._last) > 10_000:
+            self._last = {k: t for k, t in self._last.items() if now - t < self.interval_s}
+        self._last[key] = now
+        return True
+
+
+# --- the service ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One chunk request as received: what a device asked for and what was published for it."""
+
+    time: float
+    device_id: str
+    blob: str
+    head: bool
+    chunks: tuple[int, ...]
+    published: tuple[int, ...]   # items published for it (HEAD = -1); the rest were merged
+    outcome: str                 # "served" | "unknown_blob" | "bad_index"
+
+
+class RepositoryService:
+    """Answers chunk requests from every device of a fleet on the blobs' shared streams.
+
+    The MQTT link is owned by the caller (``litefleet server`` shares one link among its
+    services); ``start()`` subscribes, ``stop()`` unsubscribes.
+    """
+
+    def __init__(self, link: Any, store: BlobStore, fleet: str | Topics, *,
+                 merge_window_s: float = DEFAULT_MERGE_WINDOW_S, chunk_expiry_s: int = CHUNK_EXPIRY_S,
+                 head_expiry_s: int = HEAD_EXPIRY_S,
+                 clock: Callable[[], float] = time.monotonic, log_interval_s: float = 60.0,
+                 request_log_size: int = 10_000) -> None:
+        self.link = link
+        self.store = store
+        self.topics = fleet if isinstance(fleet, Topics) else Topics(fleet)
+        self.chunk_expiry_s = chunk_expiry_s
+        self.head_expiry_s = head_expiry_s
+        self._clock = clock
+        self._scheduler = ChunkScheduler(merge_window_s)
+        self._throttle = Throttle(log_interval_s)
+        self._lock = threading.Lock()
+        self._blobs: dict[str, StoredBlob | None] = {}
+        self._connection: object = None
+        self._filter = self.topics.all_devices("chunkreq")
+        self._started = False
+        self.requests: collections.deque[RequestRecord] = collections.deque(maxlen=request_log_size)
+        self._stats = {"requests": 0, "chunks_published": 0, "heads_published": 0, "chunk_bytes": 0,
+                       "head_bytes": 0, "merged": 0, "malformed": 0, "unknown_blob": 0, "publish_failed": 0}
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self.link.subscribe(self._filter, self._on_request, qos=1)
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self.link.unsubscribe(self._filter)
+            self._started = False
+
+    # observations --------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters; ``bytes_published`` is every chunk and head payload byte sent."""
+        with self._lock:
+            out = dict(self._stats)
+        out["bytes_published"] = out["chunk_bytes"] + out["head_bytes"]
+        return out
+
+    def request_log(self, device_id: str | None = None, blob: str | None = None) -> list[RequestRecord]:
+        with self._lock:
+            records = list(self.requests)
+        return [r for r in records if (device_id is None or r.device_id == device_id)
+                and (blob is None or r.blob == blob)]
+
+    def forget(self, sha256: str | None = None) -> None:
+        """Drop cached blob lookups (after the store changed underneath the service)."""
+        with self._lock:
+            if sha256 is None:
+                self._blobs.clear()
+            else:
+                self._blobs.pop(sha256, None)
+
+    # handling ------------------------------------------------------------------------------------
+    def _on_request(self, message: Any) -> None:
+        now = self._clock()
+        topic = parse(message.topic)
+        device = topic.name if topic is not None and topic.channel == "chunkreq" else message.topic
+        try:
+            request = messages.decode(message.payload, "chunkreq", message.topic)
+        except messages.MessageError as exc:
+            self._malformed(device, str(exc), now)
+            return
+        if request["device_id"] != device:
+            self._malformed(device, f"{message.topic}: device_id {request['device_id']!r} does not match the "
+                                    f"topic's device {device!r}", now)
+            return
+        if len(request["chunks"]) > MAX_CHUNKS_PER_REQUEST:
+            self._malformed(device, f"{message.topic}: {len(request['chunks'])} chunks in one request, "
+                                    f"over the limit of {MAX_CHUNKS_PER_REQUEST}", now)
+            return
+        self._serve(device, request["blob"], bool(request["head"]), tuple(request["chunks"]), now)
+
+    def _serve(self, device: str, sha: str, head: bool, chunks: tuple[int, ...], now: float) -> None:
+        blob = self._blob(sha)
+        if blob is None:
+            with self._lock:
+                self._stats["requests"] += 1
+                self._stats["unknown_blob"] += 1
+                self.requests.append(RequestRecord(now, device, sha, head, chunks, (), "unknown_blob"))
+            if self._throttle.allow(f"unknown:{device}", now):
+                log.warning("device %s asked for blob %s, which this repository does not hold (no answer sent; "
+                            "add the bundle with `litefleet server` / BlobStore.add_bundle)", device, sha)
+            return
+        bad = [i for i in chunks if i >= blob.count]
+        if bad:
+            with self._lock:
+                self._stats["requests"] += 1
+                self._stats["malformed"] += 1
+                self.requests.append(RequestRecord(now, device, sha, head, chunks, (), "bad_index"))
+            if self._throttle.allow(device, now):
+                log.warning("device %s asked for chunk(s) %s of blob %s, which has %d chunks; request dropped",
+                            device, bad[:5], sha, blob.count)
+            return
+        self._check_connection()
+        wanted = ([HEAD] if head else []) + list(chunks)
+        with self._lock:
+            to_send = self._scheduler.claim(sha, wanted, now)
+            self._stats["requests"] += 1
+            self._stats["merged"] += len(set(wanted)) - len(to_send)
+            self.requests.append(RequestRecord(now, device, sha, head, chunks, tuple(to_send), "served"))
+        topic = str(self.topics.blob_chunks(sha))
+        for item in to_send:
+            if item == HEAD:
+                payload = messages.encode_head(blob.count, blob.manifest_bytes, blob.signature_bytes)
+                key, size_key = "heads_published", "head_bytes"
+            else:
+                payload = messages.encode_chunk(item, blob.count, blob.read_chunk(item))
+                key, size_key = "chunks_published", "chunk_bytes"
+            try:
+                if item == HEAD:  # retained: a device subscribing late still gets it at once
+                    self.link.publish(topic, payload, qos=1, retain=True, expiry_s=self.head_expiry_s)
+                else:
+                    self.link.publish(topic, payload, qos=1, expiry_s=self.chunk_expiry_s)
+            except Exception as exc:  # too large for the broker, link refused: log, keep serving
+                with self._lock:
+                    self._stats["publish_failed"] += 1
+                if self._throttle.allow(f"publish:{sha}", now):
+                    log.error("cannot publish %s of blob %s: %s", "head" if item == HEAD else f"chunk {item}",
+                              sha, exc)
+                continue
+            with self._lock:
+                self._stats[key] += 1
+                self._stats[size_key] += len(payload)
+
+    def _blob(self, sha: str) -> StoredBlob | None:
+        with self._lock:
+            if sha in self._blobs and self._blobs[sha] is not None:
+                return self._blobs[sha]
+        blob = self.store.get(sha)  # a miss is not cached: a bundle may be added at any time
+        if blob is not None:
+            with self._lock:
+                self._blobs[sha] = blob
+        return blob
+
+    def _check_connection(self) -> None:
+        """After our link reconnected, chunks 'on their way' may have died with the old connection."""
+        info = getattr(self.link, "connect_info", None)
+        if info is not self._connection:
+            with self._lock:
+                if self._connection is not None:
+                    self._scheduler.clear()
+                self._connection = info
+
+    def _malformed(self, device: str, reason: str, now: float) -> None:
+        with self._lock:
+            self._stats["malformed"] += 1
+        if self._throttle.allow(device, now):
+            log.warning("dropped a malformed chunk request from %s: %s (further ones from it are dropped "
+                        "silently for %.0fs)", device, reason, self._throttle.interval_s)
+
+
+__all__ = ["BlobStore", "StoredBlob", "RepositoryService", "RepositoryError", "ChunkScheduler", "Throttle",
+           "RequestRecord", "HEAD"]

@@ -1,0 +1,253 @@
+"""The host's repository: the verified, content-addressed store, the merge decisions (pure, time
+passed in), and the service answering chunk requests through a real mosquitto and real MqttLinks."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.mqtt import MqttLink
+from agent.protocol import keys, messages
+from agent.protocol.manifest import MODEL_FILENAME
+from agent.protocol.topics import Topics
+from fleet.repository import HEAD, BlobStore, ChunkScheduler, RepositoryError, RepositoryService, Throttle
+from tests.support.broker import mosquitto, mosquitto_factory  # noqa: F401  (fixtures)
+from tests.support.bundles import make_bundle
+
+FLEET = "test"
+TOPICS = Topics(FLEET)
+CHUNK = 4096
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)  # polling interval of a deadline loop
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory, digits_tflite_float, release_key) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "digits.lfb", digits_tflite_float, release_key,
+                       chunk_size=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def trusted(keys_dir):
+    return keys.load_trusted_dir(keys_dir)
+
+
+# --- ChunkScheduler and Throttle (pure) ----------------------------------------------------------------
+
+
+def test_requests_for_a_chunk_on_its_way_are_merged():
+    s = ChunkScheduler(window_s=1.0)
+    assert s.claim("b", [7], 0.0) == [7]
+    for device in range(99):                 # 99 more devices ask within the window
+        assert s.claim("b", [7], 0.001 * device) == []
+    assert s.claim("b", [6, 7, 8], 0.5) == [6, 8]
+
+
+def test_a_re_request_after_the_window_is_served_again():
+    s = ChunkScheduler(window_s=1.0)
+    s.claim("b", [7], 0.0)
+    assert s.claim("b", [7], 0.99) == []
+    assert s.claim("b", [7], 1.0) == [7]
+    assert s.claim("b", [7], 1.5) == [], "the window restarts from the last publish"
+
+
+def test_head_and_blobs_are_tracked_separately_and_clear_forgets():
+    s = ChunkScheduler(window_s=1.0)
+    assert s.claim("a", [HEAD, 0], 0.0) == [HEAD, 0]
+    assert s.claim("b", [HEAD, 0], 0.0) == [HEAD, 0]
+    assert s.claim("a", [HEAD, 0, 0, 1], 0.1) == [1], "duplicates in one request count once"
+    assert s.recently_sent("a", HEAD, 0.5) and not s.recently_sent("a", HEAD, 1.0)
+    s.clear()
+    assert s.claim("a", [0], 0.2) == [0]
+
+
+def test_old_entries_are_pruned():
+    s = ChunkScheduler(window_s=1.0)
+    for i in range(1000):
+        s.claim(f"blob{i}", [0, 1, 2], 0.0)
+    s.claim("x", [0], 5.0)
+    assert list(s._sent) == ["x"]
+
+
+def test_throttle_allows_one_per_key_per_interval():
+    t = Throttle(60.0)
+    assert t.allow("dev1", 0.0) and t.allow("dev2", 1.0)
+    assert not t.allow("dev1", 59.0)
+    assert t.allow("dev1", 60.0)
+
+
+# --- BlobStore ---------------------------------------------------------------------------------------
+
+
+def test_store_verifies_then_writes_by_model_sha(tmp_path, bundle_path, trusted, digits_tflite_float):
+    store = BlobStore(tmp_path / "repo", trusted)
+    manifest = store.add_bundle(bundle_path)
+    sha = hashlib.sha256(digits_tflite_float).hexdigest()
+    assert manifest.sha256 == sha and store.list() == [sha]
+    blob = store.get(sha)
+    assert blob is not None and blob.count == len(digits_tflite_float) // CHUNK + 1
+    assert (tmp_path / "repo" / "blobs" / sha / MODEL_FILENAME).read_bytes() == digits_tflite_float
+    assert b"".join(blob.read_chunk(i) for i in range(blob.count)) == digits_tflite_float
+    assert store.add_bundle(bundle_path).sha256 == sha, "adding the same bundle again is harmless"
+    assert store.get("0" * 64) is None and store.get("../etc") is None
+
+
+def test_store_refuses_unsigned_and_tampered_bundles_and_writes_nothing(tmp_path, digits_tflite_float, trusted):
+    other = tmp_path / "other-keys"
+    keys.generate("release", other)
+    rogue = make_bundle(tmp_path / "rogue.lfb", digits_tflite_float, keys.load_private(other / "release.key"),
+                        chunk_size=CHUNK)
+    store = BlobStore(tmp_path / "repo", trusted)
+    with pytest.raises(RepositoryError, match="rogue.lfb: refused, not stored: .*(untrusted|trusted|unknown)"):
+        store.add_bundle(rogue)
+    assert list((tmp_path / "repo" / "blobs").iterdir()) == []
+
+
+def test_store_refuses_a_model_that_does_not_match_its_manifest(tmp_path, bundle_path, trusted):
+    from agent.protocol import bundle as bundle_mod
+    parts = bundle_mod.read_bundle(bundle_path)
+    model = bytearray(parts.model)
+    model[5000] ^= 0xFF
+    store = BlobStore(tmp_path / "repo", trusted)
+    with pytest.raises(RepositoryError, match="chunk 1"):
+        store.add_parts(parts.manifest_bytes, parts.signature_bytes, bytes(model))
+    assert store.list() == []
+
+
+# --- RepositoryService over a real broker --------------------------------------------------------------
+
+
+class Watcher:
+    """A real subscriber on a blob stream, recording what arrives."""
+
+    def __init__(self, url: str, sha: str) -> None:
+        self.messages: list[messages.ChunkMessage] = []
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self.link = MqttLink(url, f"watcher-{sha[:8]}", clean_start=True)
+        self.link.subscribe(str(TOPICS.blob_chunks(sha)), self._on)
+        self.link.start()
+        assert self.link.wait_connected(10)
+
+    def _on(self, message) -> None:
+        with self._lock:
+            self.messages.append(messages.decode_chunk(message.payload, message.topic))
+            self.bytes += len(message.payload)
+
+    def indices(self) -> list[int]:
+        with self._lock:
+            return [m.index if m.kind == messages.KIND_CHUNK else HEAD for m in self.messages]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def served(mosquitto, tmp_path, bundle_path, trusted):
+    """A repository service on a real broker holding the digits bundle, a watcher on its stream,
+    a device-side link to send requests from, and a hand-driven clock."""
+    store = BlobStore(tmp_path / "repo", trusted)
+    sha = store.add_bundle(bundle_path).sha256
+    clock = Clock()
+    server = MqttLink(mosquitto.url, "litefleet-server", clean_start=True)
+    service = RepositoryService(server, store, FLEET, clock=clock)
+    service.start()
+    server.start()
+    watcher = Watcher(mosquitto.url, sha)
+    device = MqttLink(mosquitto.url, "requester", clean_start=True)
+    device.start()
+    assert server.wait_connected(10) and device.wait_connected(10)
+    # prove the service's subscription is live before the test starts counting
+    ask(device, "probe", sha, head=True)
+    wait_for(lambda: watcher.indices() == [HEAD], what="the probe's head")
+    clock.now += 10
+    yield service, watcher, device, sha, clock
+    for link in (device, watcher.link, server):
+        link.stop()
+
+
+def ask(link: MqttLink, device: str, sha: str, chunks=(), head=False, raw: bytes | None = None):
+    payload = raw if raw is not None else messages.encode(
+        {"v": 1, "device_id": device, "blob": sha, "head": head, "chunks": list(chunks)})
+    return link.publish(str(TOPICS.chunk_requests(device)), payload, qos=1)
+
+
+def test_a_hundred_devices_asking_for_chunk_7_cause_one_publish(served):
+    service, watcher, device, sha, clock = served
+    before = service.stats
+    for n in range(100):
+        ask(device, f"dev{n:03d}", sha, [7])
+    wait_for(lambda: service.stats["requests"] - before["requests"] == 100, what="100 requests handled")
+    after = service.stats
+    assert after["chunks_published"] - before["chunks_published"] == 1
+    assert after["merged"] - before["merged"] == 99
+    wait_for(lambda: 7 in watcher.indices(), what="chunk 7 on the stream")
+    clock.now += 1.5                          # a device that missed it asks again after the window
+    ask(device, "dev042", sha, [7])
+    wait_for(lambda: watcher.indices().count(7) == 2, what="chunk 7 served again")
+    assert service.request_log("dev042")[-1].published == (7,)
+
+
+def test_published_bytes_are_counted_and_chunks_are_intact(served, digits_tflite_float):
+    service, watcher, device, sha, clock = served
+    count = len(digits_tflite_float) // CHUNK + 1
+    ask(device, "dev1", sha, range(count))
+    wait_for(lambda: len(watcher.messages) == 1 + count, what="every chunk")
+    chunks = {m.index: m.payload for m in watcher.messages if m.kind == messages.KIND_CHUNK}
+    assert b"".join(chunks[i] for i in range(count)) == digits_tflite_float
+    assert all(m.count == count for m in watcher.messages)
+    assert service.stats["bytes_published"] == watcher.bytes
+    assert service.stats["chunk_bytes"] == len(digits_tflite_float) + count * messages.HEADER_SIZE
+
+
+def test_malformed_requests_are_dropped_with_one_log_line_per_device_and_serving_goes_on(served, caplog):
+    service, watcher, device, sha, clock = served
+    caplog.set_level(logging.WARNING, logger="litefleet.repository")
+    before = service.stats["malformed"]
+    ask(device, "bad1", sha, raw=b"\xff not json")
+    ask(device, "bad1", sha, raw=b'{"v": 1}')
+    ask(device, "bad1", sha, raw=messages.encode({"v": 1, "device_id": "bad1", "blob": sha, "chunks": [-1]}))
+    ask(device, "bad2", sha, raw=messages.encode({"v": 1, "device_id": "someone-else", "blob": sha,
+                                                  "chunks": [0]}))
+    ask(device, "bad3", sha, [10_000])          # out of range for this blob
+    wait_for(lambda: service.stats["malformed"] - before == 5, what="5 malformed requests counted")
+
+    def lines():
+        return [r.getMessage() for r in caplog.records if r.name == "litefleet.repository"]
+    wait_for(lambda: len(lines()) == 3, what="one log line per misbehaving device")  # logged after counting
+    lines = lines()
+    assert len([line for line in lines if "bad1" in line]) == 1, lines
+    assert any("does not match the topic's device 'bad2'" in line for line in lines)
+    assert any("bad3" in line and "10000" in line for line in lines)
+    ask(device, "good", sha, [3])
+    wait_for(lambda: 3 in watcher.indices(), what="a good request served after the bad ones")
+
+
+def test_unknown_blob_gets_no_answer_and_is_counted(served, caplog):
+    service, watcher, device, sha, clock = served
+    caplog.set_level(logging.WARNING, logger="litefleet.repository")
+    unknown = "ab" * 32
+    ask(device, "dev9", unknown, [0], head=True)
+    wait_for(lambda: service.stats["unknown_blob"] == 1, what="the unknown blob counted")
+    assert service.request_log("dev9")[-1].outcome == "unknown_blob"
+    wait_for(lambda: any(unknown in r.getMessage() and "does not hold" in r.getMessage() for r in caplog.records),
+             what="a log line naming the unknown blob")
+    assert service.stats["heads_published"] == 1, "only the probe's head was ever published"
