@@ -11,12 +11,14 @@ writable), so systemd restarts an agent that hangs or breaks.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from agent import __version__, inbox
@@ -50,6 +52,8 @@ class Transport(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def healthy(self) -> bool: ...
+    def notify_changed(self) -> None: ...
+    def wake(self) -> None: ...
 
 
 def load_trusted(config: AgentConfig) -> list[keys.PublicKey]:
@@ -67,7 +71,7 @@ def load_trusted(config: AgentConfig) -> list[keys.PublicKey]:
 class AgentDaemon:
     """One device's agent. ``start()`` → ``tick()`` from a loop → ``stop()``."""
 
-    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None, connect: bool = True) -> None:
         self.config = config
         self.profile = config.load_profile()
         self.trusted = load_trusted(config)
@@ -84,6 +88,8 @@ class AgentDaemon:
         self._health: HealthWatch | None = None
         self._health_state: dict[str, Any] | None = None
         self._next_telemetry = 0.0
+        self._telemetry_interval_s = config.telemetry_interval_s
+        self._command_id = ""
         self._last_p95: float | None = None
         self.installer = Installer(self.store, self.trusted, self.profile, events=self.emit,
                                    on_activate=self._activated, workers=config.api.workers)
@@ -91,6 +97,9 @@ class AgentDaemon:
         self.server = InferenceServer(
             self.slot, tcp=(api.tcp_host, api.tcp_port) if api.tcp_port else None,
             unix_socket=api.unix_socket or None, on_inference=self._on_inference)
+        if connect and config.broker.url:
+            from agent.transport import MqttTransport  # paho only when the device has a broker
+            self.transport = MqttTransport(self)
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -136,7 +145,7 @@ class AgentDaemon:
         inbox.take_one(self.config.state_dir, self._install_from_inbox)
         self._check_health(time.monotonic())
         if now >= self._next_telemetry:
-            self._next_telemetry = now + self.config.telemetry_interval_s
+            self._next_telemetry = now + self._telemetry_interval_s
             self.record_telemetry(now)
         if self.healthy():
             self.notifier.watchdog()
@@ -175,6 +184,8 @@ class AgentDaemon:
             threading.Thread(target=self._retire, args=(old,), name="retire-model", daemon=True).start()
         self._write_status()
         self.notifier.status(self.summary())
+        if self.transport is not None:
+            self.transport.notify_changed()
 
     def _retire(self, old: LoadedModel) -> None:
         self.slot.wait_idle(old, timeout=30)
@@ -231,15 +242,34 @@ class AgentDaemon:
 
     # reporting ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def command_context(self, command_id: str) -> Iterator[None]:
+        """Events emitted while a command runs carry its id, so the operator can follow it."""
+        self._command_id = command_id
+        try:
+            yield
+        finally:
+            self._command_id = ""
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        """Settings an operator may change at run time by a signed config command."""
+        if "telemetry_interval_s" in settings:
+            self._telemetry_interval_s = float(settings["telemetry_interval_s"])
+            self._next_telemetry = 0.0
+
     def emit(self, event: Event) -> None:
         """Every event is logged, spooled for the fleet, and kept for ``status``."""
         log.info("%s: %s", event.kind, event.reason)
         doc = event.to_dict()
+        if self._command_id:
+            doc["details"] = {**doc["details"], "command_id": self._command_id}
         self.recent.append(doc)
         try:
             self.spool.append("events", doc)
         except AgentError as exc:
             log.error("cannot spool event %s: %s", event.kind, exc)
+        if self.transport is not None:
+            self.transport.wake()
 
     def record_telemetry(self, now: float) -> dict[str, Any]:
         model = self.slot.get()
@@ -254,6 +284,8 @@ class AgentDaemon:
             self.spool.append("telemetry", doc)
         except AgentError as exc:
             log.error("cannot spool telemetry: %s", exc)
+        if self.transport is not None:
+            self.transport.wake()
         self._write_status(telemetry=doc)
         return doc
 

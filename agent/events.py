@@ -22,6 +22,7 @@ DELEGATE_FALLBACK = "delegate_fallback"
 ACCELERATOR_MISMATCH = "accelerator_mismatch"
 HEALTH_BREACH = "health_breach"
 AGENT_STARTED = "agent_started"
+CONFIG_APPLIED = "config_applied"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,272 @@
+"""The device's link to the fleet: status, telemetry and events out; signed commands in.
+
+- On every connect it publishes a retained birth message (inventory: profile, runtime,
+  delegates, active model, agent version, hardware); its last will marks it offline.
+- It publishes the spool (telemetry and events) at QoS 1, oldest first, and deletes only what
+  the broker acknowledged, so nothing is lost while the broker is away (up to the spool bound).
+- It listens on its own, its groups', its profile's and the fleet's command topics. Each
+  command is checked by :class:`~agent.protocol.commands.CommandGuard` (signature, expiry,
+  replay, address, profile); deploys are pulled with :class:`~agent.transfer.Downloader` and
+  installed by the daemon's pipeline. Commands run one at a time on a worker thread, never on
+  the MQTT handler thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+from agent import events as ev
+from agent.errors import InstallError
+from agent.events import Event
+from agent.mqtt import Message, MqttLink, TlsFiles, Will, parse_url
+from agent.notify import systemd_credential
+from agent.protocol import messages
+from agent.protocol.commands import CheckedCommand, CommandGuard, CommandRejected, Identity
+from agent.protocol.keys import atomic_write
+from agent.protocol.topics import Topics
+from agent.transfer import Downloader, TransferError
+
+if TYPE_CHECKING:
+    from agent.daemon import AgentDaemon
+
+log = logging.getLogger("litefleet.transport")
+
+GUARD_FILE = "commands.json"
+PUBLISH_BATCH = 200
+ACK_TIMEOUT_S = 30.0
+QUIET_REJECTIONS = ("replayed", "expired")   # a retained command seen again after a reconnect
+CONFIG_KEYS = {"telemetry_interval_s": (float, 1.0, 86400.0)}
+
+
+class MqttTransport:
+    """Connects an :class:`~agent.daemon.AgentDaemon` to the fleet over MQTT."""
+
+    def __init__(self, daemon: "AgentDaemon", *, link: MqttLink | None = None,
+                 fetch_timeout_s: float = 60.0) -> None:
+        self.daemon = daemon
+        cfg = daemon.config
+        self.topics = Topics(cfg.fleet)
+        self.identity = Identity(cfg.device_id, cfg.fleet, tuple(cfg.groups), daemon.profile.name)
+        self.guard_path = cfg.state_dir / GUARD_FILE
+        self.guard = CommandGuard.from_dict(self.identity, _read_json(self.guard_path))
+        self.fetch_timeout_s = fetch_timeout_s
+        self.link = link or MqttLink(cfg.broker.url, cfg.device_id, tls=_tls(cfg), will=self._will(),
+                                     clean_start=False, keepalive_s=cfg.broker.keepalive_s,
+                                     on_connect=self._on_connect)
+        self.downloader = Downloader(self.link, self.topics, cfg.device_id, cfg.state_dir,
+                                     daemon.installer, daemon.emit)
+        self._commands: queue.Queue[Message | None] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for topic_filter in self.topics.device_subscriptions(self.identity.device_id, self.identity.groups,
+                                                             self.identity.profile):
+            self.link.subscribe(topic_filter, self._commands.put, qos=1)
+        self.link.start()
+        for target, name in ((self._command_loop, "commands"), (self._publish_loop, "publisher")):
+            thread = threading.Thread(target=target, name=f"transport-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.downloader.cancel()
+        self._commands.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        try:
+            if self.link.connected:
+                self.link.publish(str(self.topics.status(self.identity.device_id)),
+                                  messages.encode(self._offline("stopped")), qos=1, retain=True).wait(5)
+        finally:
+            self.link.stop()
+
+    def healthy(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def notify_changed(self) -> None:
+        """The active model changed: publish a fresh birth message."""
+        self._publish_birth()
+
+    # status ------------------------------------------------------------------------------
+
+    def _will(self) -> Will:
+        return Will(str(self.topics.status(self.identity.device_id)),
+                    messages.encode(self._offline("connection lost")), qos=1, retain=True)
+
+    def _offline(self, reason: str) -> dict[str, Any]:
+        return {"v": messages.MESSAGE_VERSION, "state": "offline", "device_id": self.identity.device_id,
+                "ts": time.time(), "reason": reason}
+
+    def birth(self) -> dict[str, Any]:
+        daemon = self.daemon
+        model = daemon.slot.get()
+        engine = model.report.to_dict() if model else {}
+        return {
+            "v": messages.MESSAGE_VERSION, "state": "online", "device_id": self.identity.device_id,
+            "ts": time.time(), "fleet": self.identity.fleet, "groups": list(self.identity.groups),
+            "labels": dict(daemon.config.labels), "profile": self.identity.profile, "agent_version": __version__,
+            "runtime": {"name": engine.get("runtime"), "version": engine.get("runtime_version")},
+            "delegates_available": [a["kind"] for a in engine.get("attempts", []) if a.get("outcome") == "used"],
+            "engine": engine,
+            "active_model": ({"name": model.name, "version": model.version, "sha256": model.sha256}
+                             if model else None),
+            "hardware": {"machine": platform.machine(), "cores": os.cpu_count() or 0,
+                         "system": platform.system(), "release": platform.release()},
+        }
+
+    def _on_connect(self, info: Any) -> None:
+        log.info("connected to %s (MQTT %s, session %s)", self.daemon.config.broker.url, info.protocol,
+                 "resumed" if info.session_present else "new")
+        self._publish_birth()
+        self._wake.set()
+
+    def _publish_birth(self) -> None:
+        try:
+            self.link.publish(str(self.topics.status(self.identity.device_id)),
+                              messages.encode(self.birth()), qos=1, retain=True)
+        except Exception as exc:  # not connected: the next connect publishes it
+            log.debug("birth not published now: %s", exc)
+
+    # telemetry and events ------------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        spool = self.daemon.spool
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while not self._stop.is_set() and self.link.connected:
+                rows = spool.peek(PUBLISH_BATCH)
+                if not rows:
+                    break
+                sent = []
+                for row_id, kind, doc in rows:
+                    topic, payload = self._wire(kind, doc)
+                    try:
+                        sent.append((row_id, self.link.publish(topic, payload, qos=1)))
+                    except Exception as exc:
+                        log.debug("publish interrupted: %s", exc)
+                        break
+                acked = [row_id for row_id, token in sent if token.wait(ACK_TIMEOUT_S) and token.acked]
+                spool.ack(acked)
+                if len(acked) < len(sent):
+                    break  # the connection dropped; what was not acknowledged stays spooled
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _wire(self, kind: str, doc: dict[str, Any]) -> tuple[str, bytes]:
+        me = self.identity.device_id
+        if kind == "events":
+            details = dict(doc.get("details") or {})
+            message = {"v": messages.MESSAGE_VERSION, "device_id": me, "seq": doc["seq"],
+                       "ts": float(doc.get("time", time.time())), "kind": doc.get("kind", ""),
+                       "reason": doc.get("reason", ""), "command_id": str(details.pop("command_id", "")),
+                       "details": details}
+            return str(self.topics.events(me)), messages.encode(message)
+        message = {"v": messages.MESSAGE_VERSION, "device_id": me, "seq": doc["seq"],
+                   "ts": float(doc.get("time", time.time())), "data": {k: v for k, v in doc.items() if k != "seq"}}
+        return str(self.topics.telemetry(me)), messages.encode(message)
+
+    # commands ----------------------------------------------------------------------------
+
+    def _command_loop(self) -> None:
+        while not self._stop.is_set():
+            message = self._commands.get()
+            if message is None:
+                return
+            try:
+                self.handle(message)
+            except Exception:  # a bug must not take the device off the fleet
+                log.exception("command on %s failed", message.topic)
+
+    def handle(self, message: Message) -> None:
+        """Check one command message and act on it; anything bad is dropped with a reason."""
+        try:
+            doc = messages.decode(message.payload, "cmd", message.topic)
+        except messages.MessageError as exc:
+            log.warning("dropped a malformed command on %s: %s", message.topic, exc)
+            return
+        try:
+            checked = self.guard.check(doc, self.daemon.trusted)
+        except CommandRejected as exc:
+            if message.retain and exc.code in QUIET_REJECTIONS:
+                log.debug("ignored retained command on %s: %s", message.topic, exc)
+                return
+            body = doc.get("body") if isinstance(doc.get("body"), dict) else {}
+            self.daemon.emit(Event(ev.DEPLOY_REJECTED, f"command rejected ({exc.code}): {exc}",
+                                   {"code": exc.code, "command_id": str(body.get("id", "")),
+                                    "topic": message.topic}))
+            self.wake()
+            return
+        self.guard.accept(checked)
+        atomic_write(self.guard_path, json.dumps(self.guard.to_dict()).encode(), mode=0o600)
+        with self.daemon.command_context(checked.id):
+            if checked.action == "deploy":
+                self._deploy(checked)
+            elif checked.action == "rollback":
+                self.daemon.rollback(str(checked.args.get("reason", "operator requested a rollback")))
+            elif checked.action == "config":
+                self._configure(checked)
+        self._publish_birth()
+        self.wake()
+
+    def _deploy(self, command: CheckedCommand) -> None:
+        args = command.args
+        blob = str(args.get("blob", ""))
+        self.daemon.emit(Event(ev.DEPLOY_ACCEPTED, f"deploy of {args.get('name')} v{args.get('version')} accepted; "
+                                                   f"fetching blob {blob[:12]}", {"blob": blob}))
+        self.wake()
+        try:
+            manifest_bytes, signature_bytes, model = self.downloader.fetch(blob, timeout_s=self.fetch_timeout_s)
+        except TransferError as exc:
+            self.daemon.emit(Event(ev.INSTALL_FAILED, f"download failed ({exc.code}): {exc}",
+                                   {"code": exc.code, "blob": blob, "missing": exc.missing}))
+            return
+        except InstallError:
+            return  # the installer already emitted a rejection naming the reason
+        try:
+            self.daemon.install_parts(manifest_bytes, signature_bytes, model, f"blob {blob[:12]}")
+        finally:
+            self.downloader.discard(blob)
+
+    def _configure(self, command: CheckedCommand) -> None:
+        applied, refused = {}, {}
+        for key, value in command.args.items():
+            spec = CONFIG_KEYS.get(key)
+            if spec is None or not isinstance(value, (int, float)) or not spec[1] <= float(value) <= spec[2]:
+                refused[key] = value
+                continue
+            applied[key] = spec[0](value)
+        self.daemon.apply_settings(applied)
+        reason = f"config applied: {applied}" + (f"; refused (unknown or out of range): {refused}" if refused else "")
+        self.daemon.emit(Event(ev.CONFIG_APPLIED, reason, {"applied": applied, "refused": refused}))
+
+
+def _tls(cfg: Any) -> TlsFiles | None:
+    _, _, tls = parse_url(cfg.broker.url)
+    if not tls:
+        return None
+    key = systemd_credential("device.key") or cfg.broker.key_file
+    return TlsFiles(cfg.broker.ca_file, cfg.broker.cert_file, str(key))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
