@@ -14,6 +14,7 @@ interpreters and lends one per call; ``invoke`` releases the GIL, so workers run
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import queue
 import threading
@@ -107,16 +108,33 @@ class TensorSpec:
         shape[self.quantized_dimension] = values.size
         return values.reshape(shape)
 
+    @functools.cached_property
+    def _scale_f32(self) -> np.ndarray:
+        return self._broadcast(np.asarray(self.scale, dtype=np.float32))
+
+    @functools.cached_property
+    def _zero_point_f32(self) -> np.ndarray:
+        return self._broadcast(np.asarray(self.zero_point, dtype=np.float32))
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
-        """Real values -> this tensor's integer dtype, rounded and clipped to its range."""
+        """Real values -> this tensor's integer dtype, rounded and clipped to its range.
+
+        All in float32 and in place: with an int64 zero point NumPy would promote a camera
+        frame to float64 and cost more than the inference itself.
+        """
         info = np.iinfo(self.dtype)
-        q = np.round(x.astype(np.float32) / self._broadcast(self.scale) + self._broadcast(self.zero_point))
-        return np.clip(q, info.min, info.max).astype(self.dtype)
+        q = np.divide(x, self._scale_f32, dtype=np.float32)
+        q += self._zero_point_f32
+        np.rint(q, out=q)
+        np.clip(q, info.min, info.max, out=q)
+        return q.astype(self.dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """This tensor's integer values -> real values (float32)."""
-        return ((q.astype(np.float32) - self._broadcast(self.zero_point).astype(np.float32))
-                * self._broadcast(self.scale)).astype(np.float32)
+        out = q.astype(np.float32)
+        out -= self._zero_point_f32
+        out *= self._scale_f32
+        return out
 
     def describe(self) -> str:
         return f"{self.name!r} (shape {list(self.shape)}, dtype {self.dtype.name})"
