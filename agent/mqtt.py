@@ -105,6 +105,16 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     return (rng or random).uniform(0.0, ceiling)
 
 
+def _no_delay(sock: Any) -> None:
+    """Send small packets (requests, acks) at once: with Nagle's algorithm each waited ~40 ms
+    for the previous one's ACK, which made a windowed chunk pull 6x slower than the broker."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 def parse_url(url: str) -> tuple[str, int, bool]:
     """``mqtt://host[:1883]`` or ``mqtts://host[:8883]`` -> (host, port, tls)."""
     parts = urlsplit(url)
@@ -457,6 +467,7 @@ class MqttLink:
             reason = ""
             try:
                 client.reconnect()
+                _no_delay(client.socket())
                 opened = True
                 reason = self._pump()
             except (OSError, ssl.SSLError, socket.timeout) as exc:

@@ -264,8 +264,9 @@ class DownloadState:
         os.pwrite(self._fd, data, index * self._chunk_size)
 
     def read_model(self) -> bytes:
+        """The assembled model. No fsync: the install stages its own durable copy, and a resumed
+        download re-hashes every chunk on disk, so a torn write here only costs a re-request."""
         assert self._fd is not None, "open() first"
-        os.fsync(self._fd)
         return self.part_path.read_bytes()
 
     def close(self) -> None:
@@ -479,7 +480,7 @@ class Downloader:
         try:
             chunk = messages.decode_chunk(message.payload, message.topic)
         except messages.MessageError as exc:
-            log.debug("ignored a malformed message on %s: %s", message.topic, exc)
+            log.warning("ignored a malformed message on %s: %s", message.topic, exc)
             return
         index = chunk.index
         if chunk.kind != messages.KIND_CHUNK or chunk.count != plan.count or index in plan.present:

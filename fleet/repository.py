@@ -179,30 +179,58 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class ChunkScheduler:
-    """Which requested items to publish now: those not published in the last ``window_s`` seconds.
+    """Which requested items to publish now, so that one copy serves every device fetching a blob.
 
-    Pure (time is passed in). Items are chunk indices, or :data:`HEAD` for the manifest.
+    Pure (time is passed in). Items are chunk indices, or :data:`HEAD` for the manifest. A device
+    subscribes to the blob's stream before its first request, so:
+
+    - a chunk published after a device's first request for the blob is on its way to it: that
+      device's first ask for the chunk is merged, however long ago the copy went out;
+    - a chunk published before that reached a stream the device was not on yet: it is sent again;
+    - a device asking again for an item it asked for before did not get it (a lost message, a
+      broker restart): it is sent again, unless a copy went out in the last ``resend_s``;
+    - the head is published retained, so any copy in the last ``head_keep_s`` serves a first ask.
+
+    Without a device id (``device=""``) a request is merged only with copies sent in the last
+    ``window_s`` seconds.
     """
 
-    def __init__(self, window_s: float = DEFAULT_MERGE_WINDOW_S) -> None:
+    def __init__(self, window_s: float = DEFAULT_MERGE_WINDOW_S, *, resend_s: float = 0.25,
+                 head_keep_s: float = 1800.0, forget_s: float = 900.0) -> None:
         if window_s < 0:
             raise ValueError(f"merge window must be >= 0 seconds, got {window_s}")
         self.window_s = window_s
+        self.resend_s = resend_s
+        self.head_keep_s = head_keep_s
+        self.forget_s = max(forget_s, window_s)
         self._sent: dict[str, dict[int, float]] = {}
+        self._asked: dict[tuple[str, str], tuple[float, set[int]]] = {}
         self._pruned_at = float("-inf")
 
-    def claim(self, blob: str, items: Iterable[int], now: float) -> list[int]:
+    def claim(self, blob: str, items: Iterable[int], now: float, device: str = "") -> list[int]:
         """Return the items to publish now (in ascending order) and record them as sent at ``now``."""
         self._prune(now)
         sent = self._sent.setdefault(blob, {})
+        first, asked = self._asked.setdefault((blob, device), (now, set())) if device else (now, set())
         out = []
         for item in sorted(set(items)):
-            at = sent.get(item)
-            if at is not None and now - at < self.window_s:
+            if self._merge(sent.get(item), item, now, device, first, item in asked):
                 continue
             sent[item] = now
             out.append(item)
+        asked.update(items)
         return out
+
+    def _merge(self, at: float | None, item: int, now: float, device: str, first: float, again: bool) -> bool:
+        if at is None:
+            return False
+        if not device:
+            return now - at < self.window_s
+        if again:
+            return now - at < self.resend_s
+        if item == HEAD:
+            return now - at < self.head_keep_s
+        return at >= first
 
     def recently_sent(self, blob: str, item: int, now: float) -> bool:
         at = self._sent.get(blob, {}).get(item)
@@ -211,17 +239,20 @@ class ChunkScheduler:
     def clear(self) -> None:
         """Forget everything (after a reconnect: what was 'on its way' may have been lost)."""
         self._sent.clear()
+        self._asked.clear()
 
     def _prune(self, now: float) -> None:
         if now - self._pruned_at < self.window_s:
             return
         self._pruned_at = now
+        keep = max(self.forget_s, self.head_keep_s)
         for blob in list(self._sent):
-            entries = {i: t for i, t in self._sent[blob].items() if now - t < self.window_s}
+            entries = {i: t for i, t in self._sent[blob].items() if now - t < (keep if i == HEAD else self.forget_s)}
             if entries:
                 self._sent[blob] = entries
             else:
                 del self._sent[blob]
+        self._asked = {k: v for k, v in self._asked.items() if now - v[0] < self.forget_s}
 
 
 class Throttle:
@@ -364,7 +395,7 @@ class RepositoryService:
         self._check_connection()
         wanted = ([HEAD] if head else []) + list(chunks)
         with self._lock:
-            to_send = self._scheduler.claim(sha, wanted, now)
+            to_send = self._scheduler.claim(sha, wanted, now, device)
             self._stats["requests"] += 1
             self._stats["merged"] += len(set(wanted)) - len(to_send)
             self.requests.append(RequestRecord(now, device, sha, head, chunks, tuple(to_send), "served"))

@@ -74,12 +74,38 @@ def test_head_and_blobs_are_tracked_separately_and_clear_forgets():
     assert s.claim("a", [0], 0.2) == [0]
 
 
+def test_a_copy_sent_after_a_devices_first_request_is_on_its_way_to_it():
+    s = ChunkScheduler()
+    assert s.claim("b", [HEAD], 0.0, "a") == [HEAD]
+    assert s.claim("b", [HEAD], 0.5, "b") == [], "the head is retained: b gets it on subscribing"
+    assert s.claim("b", [3], 1.0, "a") == [3]
+    assert s.claim("b", [3], 9.0, "b") == [], "b subscribed at 0.5, before chunk 3 went out at 1.0"
+
+
+def test_a_device_that_subscribed_after_the_copy_went_out_is_served():
+    s = ChunkScheduler()
+    s.claim("b", [HEAD], 0.0, "a")
+    s.claim("b", [3], 1.0, "a")
+    assert s.claim("b", [HEAD], 1.2, "late") == []
+    assert s.claim("b", [3], 1.3, "late") == [3], "late was not on the stream when chunk 3 went out"
+
+
+def test_asking_again_means_the_copy_was_lost():
+    s = ChunkScheduler(resend_s=0.25)
+    s.claim("b", [HEAD], 0.0, "a")
+    s.claim("b", [HEAD], 0.0, "c")
+    assert s.claim("b", [5], 1.0, "a") == [5]
+    assert s.claim("b", [5], 3.0, "a") == [5], "a retry is served"
+    assert s.claim("b", [5], 3.1, "c") == [], "c's first ask rides on the resend at 3.0"
+    assert s.claim("b", [5], 3.2, "a") == [], "two retries within resend_s cost one copy"
+
+
 def test_old_entries_are_pruned():
     s = ChunkScheduler(window_s=1.0)
     for i in range(1000):
-        s.claim(f"blob{i}", [0, 1, 2], 0.0)
-    s.claim("x", [0], 5.0)
-    assert list(s._sent) == ["x"]
+        s.claim(f"blob{i}", [HEAD, 0, 1, 2], 0.0, f"dev{i}")
+    s.claim("x", [0], s.head_keep_s + 1)
+    assert list(s._sent) == ["x"] and not s._asked
 
 
 def test_throttle_allows_one_per_key_per_interval():
@@ -193,12 +219,14 @@ def ask(link: MqttLink, device: str, sha: str, chunks=(), head=False, raw: bytes
 def test_a_hundred_devices_asking_for_chunk_7_cause_one_publish(served):
     service, watcher, device, sha, clock = served
     before = service.stats
-    for n in range(100):
+    for n in range(100):                      # as real devices do: the head first, then chunks
+        ask(device, f"dev{n:03d}", sha, head=True)
         ask(device, f"dev{n:03d}", sha, [7])
-    wait_for(lambda: service.stats["requests"] - before["requests"] == 100, what="100 requests handled")
+    wait_for(lambda: service.stats["requests"] - before["requests"] == 200, what="200 requests handled")
     after = service.stats
     assert after["chunks_published"] - before["chunks_published"] == 1
-    assert after["merged"] - before["merged"] == 99
+    assert after["heads_published"] - before["heads_published"] == 0, "the retained head serves them all"
+    assert after["merged"] - before["merged"] == 199
     wait_for(lambda: 7 in watcher.indices(), what="chunk 7 on the stream")
     clock.now += 1.5                          # a device that missed it asks again after the window
     ask(device, "dev042", sha, [7])
