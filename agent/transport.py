@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("litefleet.transport")
 
 GUARD_FILE = "commands.json"
+PENDING_FILE = "pending_deploy.json"   # an accepted deploy not finished yet: resumed after a restart
 PUBLISH_BATCH = 200
 ACK_TIMEOUT_S = 30.0
 QUIET_REJECTIONS = ("replayed", "expired")   # a retained command seen again after a reconnect
@@ -58,13 +59,14 @@ class MqttTransport:
         self.identity = Identity(cfg.device_id, cfg.fleet, tuple(cfg.groups), daemon.profile.name)
         self.guard_path = cfg.state_dir / GUARD_FILE
         self.guard = CommandGuard.from_dict(self.identity, _read_json(self.guard_path))
+        self.pending_path = cfg.state_dir / PENDING_FILE
         self.fetch_timeout_s = fetch_timeout_s
         self.link = link or MqttLink(cfg.broker.url, cfg.device_id, tls=_tls(cfg), will=self._will(),
                                      clean_start=False, keepalive_s=cfg.broker.keepalive_s,
                                      on_connect=self._on_connect)
         self.downloader = Downloader(self.link, self.topics, cfg.device_id, cfg.state_dir,
                                      daemon.installer, daemon.emit)
-        self._commands: queue.Queue[Message | None] = queue.Queue()
+        self._commands: queue.Queue[Message | CheckedCommand | None] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -75,6 +77,11 @@ class MqttTransport:
         for topic_filter in self.topics.device_subscriptions(self.identity.device_id, self.identity.groups,
                                                              self.identity.profile):
             self.link.subscribe(topic_filter, self._commands.put, qos=1)
+        pending = _read_json(self.pending_path)
+        if pending.get("body"):
+            # The guard already remembers this command, so its retained copy would be ignored as a
+            # replay: an agent killed mid-deploy must finish it from here (the download resumes).
+            self._commands.put(CheckedCommand(pending["body"], str(pending.get("signer", ""))))
         self.link.start()
         for target, name in ((self._command_loop, "commands"), (self._publish_loop, "publisher")):
             thread = threading.Thread(target=target, name=f"transport-{name}", daemon=True)
@@ -109,8 +116,10 @@ class MqttTransport:
                     messages.encode(self._offline("connection lost")), qos=1, retain=True)
 
     def _offline(self, reason: str) -> dict[str, Any]:
+        # groups and profile too: an operator targeting a group must count its offline members
         return {"v": messages.MESSAGE_VERSION, "state": "offline", "device_id": self.identity.device_id,
-                "ts": time.time(), "reason": reason}
+                "ts": time.time(), "reason": reason, "fleet": self.identity.fleet,
+                "groups": list(self.identity.groups), "profile": self.identity.profile}
 
     def birth(self) -> dict[str, Any]:
         daemon = self.daemon
@@ -190,9 +199,12 @@ class MqttTransport:
             if message is None:
                 return
             try:
-                self.handle(message)
+                if isinstance(message, CheckedCommand):
+                    self._resume(message)
+                else:
+                    self.handle(message)
             except Exception:  # a bug must not take the device off the fleet
-                log.exception("command on %s failed", message.topic)
+                log.exception("command on %s failed", getattr(message, "topic", "(resumed deploy)"))
 
     def handle(self, message: Message) -> None:
         """Check one command message and act on it; anything bad is dropped with a reason."""
@@ -217,7 +229,7 @@ class MqttTransport:
         atomic_write(self.guard_path, json.dumps(self.guard.to_dict()).encode(), mode=0o600)
         with self.daemon.command_context(checked.id):
             if checked.action == "deploy":
-                self._deploy(checked)
+                self._run_deploy(checked)
             elif checked.action == "rollback":
                 self.daemon.rollback(str(checked.args.get("reason", "operator requested a rollback")))
             elif checked.action == "config":
@@ -225,24 +237,56 @@ class MqttTransport:
         self._publish_birth()
         self.wake()
 
-    def _deploy(self, command: CheckedCommand) -> None:
+    def _run_deploy(self, command: CheckedCommand, resumed: bool = False) -> None:
+        """Run a deploy, remembering it on disk until it ends so that a restart resumes it."""
+        atomic_write(self.pending_path, json.dumps({"body": command.body, "signer": command.signer}).encode(),
+                     mode=0o600)
+        keep = False
+        try:
+            keep = self._deploy(command, resumed)
+        finally:
+            if not keep:
+                self.pending_path.unlink(missing_ok=True)
+
+    def _resume(self, command: CheckedCommand) -> None:
+        if command.body.get("expires_at", 0) < time.time():
+            self.pending_path.unlink(missing_ok=True)
+            with self.daemon.command_context(command.id):
+                self.daemon.emit(Event(ev.INSTALL_FAILED, "an interrupted deploy expired before the agent came "
+                                                          "back; push it again", {"code": "expired"}))
+            self.wake()
+            return
+        with self.daemon.command_context(command.id):
+            self._run_deploy(command, resumed=True)
+        self._publish_birth()
+        self.wake()
+
+    def _deploy(self, command: CheckedCommand, resumed: bool = False) -> bool:
+        """Fetch and install; True when it was interrupted by the agent stopping (resume it later)."""
         args = command.args
         blob = str(args.get("blob", ""))
-        self.daemon.emit(Event(ev.DEPLOY_ACCEPTED, f"deploy of {args.get('name')} v{args.get('version')} accepted; "
-                                                   f"fetching blob {blob[:12]}", {"blob": blob}))
+        verb = "resuming interrupted deploy" if resumed else "deploy"
+        self.daemon.emit(Event(ev.DEPLOY_ACCEPTED, f"{verb} of {args.get('name')} v{args.get('version')} accepted; "
+                                                   f"fetching blob {blob[:12]}", {"blob": blob, "resumed": resumed}))
         self.wake()
         try:
             manifest_bytes, signature_bytes, model = self.downloader.fetch(blob, timeout_s=self.fetch_timeout_s)
         except TransferError as exc:
+            if exc.code == "cancelled" and self._stop.is_set():
+                log.info("deploy of blob %s interrupted by shutdown; it resumes at the next start", blob[:12])
+                return True
             self.daemon.emit(Event(ev.INSTALL_FAILED, f"download failed ({exc.code}): {exc}",
                                    {"code": exc.code, "blob": blob, "missing": exc.missing}))
-            return
-        except InstallError:
-            return  # the installer already emitted a rejection naming the reason
+            return False
+        except InstallError as exc:  # the head was refused (signature, profile, version, space): say why
+            self.daemon.emit(Event(ev.DEPLOY_REJECTED, f"deploy refused ({exc.code}): {exc}",
+                                   {"code": exc.code, "blob": blob}))
+            return False
         try:
             self.daemon.install_parts(manifest_bytes, signature_bytes, model, f"blob {blob[:12]}")
         finally:
             self.downloader.discard(blob)
+        return False
 
     def _configure(self, command: CheckedCommand) -> None:
         applied, refused = {}, {}
