@@ -17,6 +17,10 @@ COMMAND_MODULES = (
     "converter.cli",                # convert
     "litefleet.demo",               # demo
     "fleet.cli_broker",             # broker config
+    "fleet.cli_server",             # server, repo add
+    "fleet.cli_push",               # push, rollback, device-config
+    "fleet.cli_fleet",              # fleet status, fleet device
+    "fleet.cli_rollout",            # rollout start|status|pause|resume|abort|list
 )
 
 
