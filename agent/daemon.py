@@ -123,10 +123,7 @@ class AgentDaemon:
         if self.transport is not None:
             self.transport.stop()
         self.server.stop()
-        old = self.slot.swap(None)
-        if old is not None:
-            self.slot.wait_idle(old, timeout=5)
-            old.close()
+        self.slot.close(timeout=5)   # requests in flight finish; the model is closed once idle
         self._write_status(running=False)
         self.spool.close()
 
@@ -175,21 +172,15 @@ class AgentDaemon:
 
     def _activated(self, loaded: LoadedModel) -> None:
         """The installer made ``loaded`` active: serve it, and watch its health."""
-        old = self.slot.swap(loaded)
+        self.slot.swap(loaded)       # the old model finishes its requests, then the slot closes it
         baseline = self._last_p95
         with self._health_lock:
             self._health = HealthWatch(self.config.health, time.monotonic(), baseline)
             self._health_state = None
-        if old is not None:
-            threading.Thread(target=self._retire, args=(old,), name="retire-model", daemon=True).start()
         self._write_status()
         self.notifier.status(self.summary())
         if self.transport is not None:
             self.transport.notify_changed()
-
-    def _retire(self, old: LoadedModel) -> None:
-        self.slot.wait_idle(old, timeout=30)
-        old.close()
 
     def _load_active(self) -> None:
         """Serve the active model at start; if it no longer loads, fall back to the previous one."""

@@ -479,7 +479,8 @@ def test_an_agent_killed_mid_transfer_resumes_asking_only_for_missing_chunks(env
     asked = {i for r in later for i in r.chunks}
     assert asked and not asked & on_disk, f"asked again for chunks on disk: {sorted(asked & on_disk)}"
     assert not any(r.head for r in later), "the verified head was kept on disk"
-    assert not (device.state / "pending_deploy.json").exists()
+    wait_for(lambda: not (device.state / "pending_deploy.json").exists(), 30,
+             "the finished deploy to be cleared from the state directory")
 
 
 def test_a_broker_killed_mid_transfer_and_restarted_the_transfer_completes(env, agents):

@@ -105,7 +105,7 @@ class AgentProcess:
             return status if status.get("running") and status.get("pid") == self.proc.pid else None
         return wait_for(ready, timeout, f"agent {self.device.device_id} to start")
 
-    def stop(self, timeout: float = 15) -> int:
+    def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
