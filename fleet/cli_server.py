@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
@@ -12,7 +13,6 @@ from agent.protocol import keys
 from agent.protocol.errors import KeyFileError, LitefleetError
 from fleet.link import add_broker_options, link_from_args
 from fleet.repository import BlobStore
-from fleet.server import FleetServer
 
 
 def load_trust(paths: list[Path]) -> list[keys.PublicKey]:
@@ -32,16 +32,35 @@ def load_trust(paths: list[Path]) -> list[keys.PublicKey]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser(
-        "server", help="run the fleet server (repository service answering devices' chunk requests)",
-        description="Serve the bundles in --repo to the fleet's devices over MQTT until SIGTERM or Ctrl-C "
-                    "(exit 0). Connect with the server identity of `litefleet broker config` "
-                    "(DIR/clients/litefleet-server.crt). Add bundles with `litefleet repo add` or `litefleet push "
-                    "--repo`, also while the server runs.")
+        "server", help="run the fleet server: repository, ingest, HTTP API and dashboard, alerts, rollouts",
+        description="Serve bundles to the fleet's devices, ingest their status, telemetry and events into the "
+                    "store, and serve the HTTP API, dashboard and /metrics, until SIGTERM or Ctrl-C (exit 0). "
+                    "Connect with the server identity of `litefleet broker config` "
+                    "(DIR/clients/litefleet-server.crt). Several servers may share one PostgreSQL and split the "
+                    "telemetry through an MQTT shared subscription (--share-group).")
     add_broker_options(s, client_id="litefleet-server")
     s.add_argument("--fleet", required=True, help="fleet name (topic prefix lf/v1/FLEET/)")
-    s.add_argument("--repo", required=True, type=Path, metavar="DIR", help="the repository directory")
+    s.add_argument("--data", type=Path, default=default_data_dir(), metavar="DIR",
+                   help="server data: repository, SQLite store, API token (default: %(default)s)")
+    s.add_argument("--repo", type=Path, metavar="DIR", help="the repository directory (default: DATA/repo)")
     s.add_argument("--trust", required=True, nargs="+", type=Path, metavar="PUBKEY|DIR",
                    help="trusted release public key(s) or directories of them")
+    s.add_argument("--db", metavar="URL", help="postgresql://... or a SQLite file (default: DATA/fleet.db)")
+    s.add_argument("--repository-only", action="store_true",
+                   help="serve bundles only: no store, ingest, API, alerts or rollouts")
+    s.add_argument("--http-host", default="127.0.0.1", help="HTTP API address (default: %(default)s)")
+    s.add_argument("--http-port", type=int, default=8600, help="HTTP API port; 0 = any free port, -1 = no HTTP "
+                                                                "(default: %(default)s)")
+    s.add_argument("--metrics-token", action="store_true", help="require the API token on /metrics too")
+    s.add_argument("--share-group", default="litefleet", metavar="NAME",
+                   help="MQTT shared-subscription group for ingest; servers in one group split the stream "
+                        "(default: %(default)s; '' = every server gets every message)")
+    s.add_argument("--operator-key", type=Path, metavar="KEY", help="operator key that signs rollout commands")
+    s.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    s.add_argument("--raw-retention", type=float, default=86400.0, metavar="S",
+                   help="seconds of raw telemetry kept before it is rolled up per minute (default: %(default)s)")
+    s.add_argument("--minute-retention", type=float, default=30 * 86400.0, metavar="S",
+                   help="seconds of per-minute rollups kept before they are rolled up per hour (default: %(default)s)")
     s.add_argument("--stats-interval", type=float, default=60.0, metavar="S",
                    help="log a stats line this often (default: %(default)s)")
     s.set_defaults(func=_server)
@@ -59,10 +78,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.set_defaults(func=_repo_add)
 
 
+def default_data_dir() -> Path:
+    """$LITEFLEET_DATA_DIR, else ~/.local/share/litefleet (where `litefleet fleet` looks for the token)."""
+    env = os.environ.get("LITEFLEET_DATA_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "litefleet"
+
+
 def _server(args: argparse.Namespace) -> int:
-    store = BlobStore(args.repo, load_trust(args.trust))
+    from fleet.server import FleetServer, ServerOptions
+    data_dir: Path = args.data
+    data_dir.mkdir(parents=True, exist_ok=True)
+    blob_store = BlobStore(args.repo or data_dir / "repo", load_trust(args.trust))
+    operator_key = None
+    if args.operator_key:
+        from litefleet.protocol_commands import read_passphrase
+        operator_key = keys.load_private(args.operator_key, read_passphrase(args.passphrase_env, False))
     link = link_from_args(args, prefix="litefleet-server", persistent=True)
-    server = FleetServer(link, store, args.fleet, stats_interval_s=args.stats_interval)
+    store = ingest_link = None
+    if not args.repository_only:
+        from fleet.store import open_store
+        store = open_store(args.db or str(data_dir / "fleet.db"))
+        ingest_link = link_from_args(args, prefix="litefleet-server", persistent=True, manual_ack=True)
+        ingest_link.client_id = f"{link.client_id}-ingest"
+    options = ServerOptions(fleet=args.fleet, data_dir=data_dir, http_host=args.http_host,
+                            http_port=args.http_port, metrics_token=args.metrics_token,
+                            share_group=args.share_group or None, raw_retention_s=args.raw_retention,
+                            minute_retention_s=args.minute_retention, stats_interval_s=args.stats_interval)
+    server = FleetServer(link, blob_store, options, store=store, ingest_link=ingest_link, operator_key=operator_key)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
