@@ -10,7 +10,12 @@ capacity with :meth:`Installer.precheck` before a single chunk is asked for; eve
 checked against its sha256 in the signed manifest before it is written; the whole model
 against the manifest's sha256 before it is returned.
 
-Download state lives in ``<state_dir>/downloads/<blob sha256>/`` (``manifest.json``,
+A blob is named by its id, the sha256 of its signed ``manifest.json`` bytes
+(:func:`agent.protocol.bundle.blob_id`): a head is taken only if its manifest hashes to the
+requested id, so no other manifest (another profile's, or a rogue's validly signed older one)
+can stand in for the one the deploy command named.
+
+Download state lives in ``<state_dir>/downloads/<blob id>/`` (``manifest.json``,
 ``manifest.sig``, a preallocated ``model.part``). Which chunks are present is found by hashing
 ``model.part``'s chunks against the signed manifest on resume: no bitmap to keep consistent,
 and a torn write after a power cut simply shows up as a missing chunk.
@@ -40,8 +45,8 @@ from agent import events as ev
 from agent.errors import AgentError, InstallError
 from agent.events import Event, EventSink, discard
 from agent.protocol import messages
+from agent.protocol.bundle import blob_id as manifest_blob_id
 from agent.protocol.keys import atomic_write
-from agent.protocol.errors import BundleError
 from agent.protocol.manifest import Manifest
 from agent.protocol.topics import Topics
 
@@ -224,8 +229,8 @@ class DownloadState:
     SIGNATURE = "manifest.sig"
     PART = "model.part"
 
-    def __init__(self, downloads_dir: Path, blob_sha: str) -> None:
-        self.dir = Path(downloads_dir) / blob_sha
+    def __init__(self, downloads_dir: Path, blob_id: str) -> None:
+        self.dir = Path(downloads_dir) / blob_id
         self.part_path = self.dir / self.PART
         self._fd: int | None = None
         self._chunk_size = 0
@@ -310,53 +315,58 @@ class Downloader:
         """Make a running ``fetch`` stop soon with TransferError('cancelled'); its state stays on disk."""
         self._cancel.set()
 
-    def discard(self, blob_sha: str) -> None:
+    def discard(self, blob_id: str) -> None:
         """Delete a download's state (after the install, or when its manifest was refused)."""
-        DownloadState(self.downloads_dir, blob_sha).discard()
+        try:
+            self.topics.blob_chunks(blob_id)  # a blob id is lowercase hex: never a path to delete
+        except ValueError:
+            return
+        DownloadState(self.downloads_dir, blob_id).discard()
 
-    def fetch(self, blob_sha: str, *, window: int = DEFAULT_WINDOW,
+    def fetch(self, blob_id: str, *, window: int = DEFAULT_WINDOW,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bytes, bytes, bytes]:
-        """Fetch blob ``blob_sha``; return (manifest bytes, signature bytes, model bytes), all verified.
+        """Fetch blob ``blob_id`` (the sha256 of its signed manifest); return (manifest bytes,
+        signature bytes, model bytes), all verified.
 
         ``timeout_s``: give up when nothing useful (a valid head or a new valid chunk) arrived
         for that long. Resumes from any state a previous fetch left on disk.
         """
         try:
-            stream = str(self.topics.blob_chunks(blob_sha))
+            stream = str(self.topics.blob_chunks(blob_id))
         except ValueError as exc:
-            raise TransferError("bad_blob", str(exc), blob=str(blob_sha)) from None
+            raise TransferError("bad_blob", str(exc), blob=str(blob_id)) from None
         self._cancel.clear()
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.link.subscribe(stream, inbox.put, qos=1)  # before any request: our copy must reach us
-        state = DownloadState(self.downloads_dir, blob_sha)
+        state = DownloadState(self.downloads_dir, blob_id)
         try:
-            manifest_bytes, signature_bytes, manifest = self._head(blob_sha, state, inbox, timeout_s)
+            manifest_bytes, signature_bytes, manifest = self._head(blob_id, state, inbox, timeout_s)
             try:
                 self.installer.precheck(manifest)
             except InstallError:
                 state.discard()
                 raise
-            self._check_packet_size(blob_sha, manifest, stream)
+            self._check_packet_size(blob_id, manifest, stream)
             try:
                 present = state.open(manifest)
             except OSError as exc:
-                raise TransferError("disk", f"cannot prepare {state.part_path} for blob {blob_sha}: {exc}",
-                                    blob=blob_sha) from None
+                raise TransferError("disk", f"cannot prepare {state.part_path} for blob {blob_id}: {exc}",
+                                    blob=blob_id) from None
             plan = TransferPlan(len(manifest.chunks), now=self._clock(), present=present,
                                 window=max_window(manifest.chunk_size, window, self.max_inflight_bytes),
                                 retry=self.retry, stall_timeout_s=timeout_s, rng=self._rng)
             self.last_plan = plan
-            self._emit(manifest, plan, "head_verified",
+            self._emit(blob_id, manifest, plan, "head_verified",
                        f"{manifest.name} v{manifest.version}: manifest verified, "
                        + (f"resuming with {plan.done} of {plan.count} chunks on disk" if plan.done
                           else f"fetching {plan.count} chunks of {manifest.chunk_size} bytes")
                        + f" (window {plan.window})")
-            self._pull(blob_sha, manifest, plan, state, inbox)
+            self._pull(blob_id, manifest, plan, state, inbox)
             model = state.read_model()
             if hashlib.sha256(model).hexdigest() != manifest.sha256:
                 state.discard()  # every chunk matched yet the whole does not: the manifest lies
-                raise TransferError("corrupt", f"blob {blob_sha}: every chunk matched its signed sha256 but the "
-                                               f"whole model does not; download state discarded", blob=blob_sha)
+                raise TransferError("corrupt", f"blob {blob_id}: every chunk matched its signed sha256 but the "
+                                               f"whole model does not; download state discarded", blob=blob_id)
             return manifest_bytes, signature_bytes, model
         finally:
             state.close()
@@ -417,13 +427,15 @@ class Downloader:
             return manifest_bytes, signature_bytes, manifest
 
     def _verify_head(self, blob: str, manifest_bytes: bytes, signature_bytes: bytes) -> Manifest | None:
-        """The verified manifest; None for a head about another blob (ignored); InstallError if refused."""
-        try:
-            claimed = Manifest.parse(manifest_bytes).sha256  # untrusted: only to ignore other blobs' heads
-        except BundleError:
-            claimed = blob  # let the signature check say what is wrong
-        if claimed != blob:
-            log.warning("ignored a head on blob/%s describing model %s", blob, claimed)
+        """The verified manifest; None for a head that is not blob ``blob``'s (ignored); InstallError if refused.
+
+        The blob id is the manifest's hash, so only the one manifest the deploy command named is
+        accepted: another validly signed one (another profile's, an older version's, replayed by
+        whoever may publish on the stream) is ignored before its signature is even checked.
+        """
+        actual = manifest_blob_id(manifest_bytes)
+        if actual != blob:
+            log.warning("ignored a head on blob/%s whose manifest hashes to %s", blob, actual)
             return None
         return self.installer.check_manifest(manifest_bytes, signature_bytes)
 
@@ -464,7 +476,7 @@ class Downloader:
             wait = plan.next_wakeup(now) - now if connected else _POLL_S
             message = _get(inbox, wait)
             while message is not None:
-                self._take(message, manifest, plan, state)
+                self._take(blob, message, manifest, plan, state)
                 try:
                     message = inbox.get_nowait()
                 except queue.Empty:
@@ -472,11 +484,11 @@ class Downloader:
             reached = progress_step(plan.percent(), step)
             if reached is not None:
                 step = reached
-                self._emit(manifest, plan, "progress",
+                self._emit(blob, manifest, plan, "progress",
                            f"{manifest.name} v{manifest.version}: {plan.done} of {plan.count} chunks ({reached}%)",
                            milestone=reached)
 
-    def _take(self, message: Any, manifest: Manifest, plan: TransferPlan, state: DownloadState) -> None:
+    def _take(self, blob: str, message: Any, manifest: Manifest, plan: TransferPlan, state: DownloadState) -> None:
         try:
             chunk = messages.decode_chunk(message.payload, message.topic)
         except messages.MessageError as exc:
@@ -488,15 +500,15 @@ class Downloader:
         if hashlib.sha256(chunk.payload).hexdigest() != manifest.chunks[index]:
             plan.rejected(index, self._clock())
             reason = f"chunk {index} of {manifest.name} v{manifest.version} failed its sha256, re-requesting"
-            log.warning("%s (blob %s)", reason, manifest.sha256)
+            log.warning("%s (blob %s)", reason, blob)
             if plan.rejected_count <= MAX_CHUNK_EVENTS:
-                self._emit(manifest, plan, "chunk_rejected", reason, chunk=index)
+                self._emit(blob, manifest, plan, "chunk_rejected", reason, chunk=index)
             return
         try:
             state.write_chunk(index, chunk.payload)
         except OSError as exc:
-            raise TransferError("disk", f"cannot write chunk {index} of blob {manifest.sha256} to "
-                                        f"{state.part_path}: {exc}", blob=manifest.sha256,
+            raise TransferError("disk", f"cannot write chunk {index} of blob {blob} to "
+                                        f"{state.part_path}: {exc}", blob=blob,
                                 missing=plan.count - plan.done) from None
         plan.received(index, self._clock())
 
@@ -515,8 +527,9 @@ class Downloader:
                                 + (f" with {missing} of {plan.count} chunks missing; state kept for resuming"
                                    if plan else ""), blob=blob, missing=missing)
 
-    def _emit(self, manifest: Manifest, plan: TransferPlan, step: str, reason: str, **extra: Any) -> None:
-        details = {"step": step, "blob": manifest.sha256, "name": manifest.name, "version": manifest.version,
+    def _emit(self, blob: str, manifest: Manifest, plan: TransferPlan, step: str, reason: str, **extra: Any) -> None:
+        details = {"step": step, "blob": blob, "model_sha256": manifest.sha256, "name": manifest.name,
+                   "version": manifest.version,
                    "chunks_done": plan.done, "chunks_total": plan.count, "percent": plan.percent(), **extra}
         try:
             self.events(Event(ev.DEPLOY_PROGRESS, reason, details))

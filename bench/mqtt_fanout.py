@@ -83,12 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pulled: list[str] = []
 
             def pull(conns, seed: int) -> tuple[float, int, list]:
-                manifest = add_random_blob(store, bench_keys, size, chunk, seed)
-                pulled.append(manifest.sha256)
+                blob_id = add_random_blob(store, bench_keys, size, chunk, seed).blob_id
+                pulled.append(blob_id)
                 before = stats()["bytes_published"]
                 start = time.perf_counter()
                 for conn in conns:
-                    conn.send(("fetch", manifest.sha256, window, TIMEOUT_S))
+                    conn.send(("fetch", blob_id, window, TIMEOUT_S))
                 results = []
                 for conn in conns:
                     results += expect(conn, "done", TIMEOUT_S + 60)[1]

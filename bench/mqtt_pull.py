@@ -152,11 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raw[chunk].append(size / raw_s / MB)
                     for window in windows:
                         seed += 1
-                        manifest = add_random_blob(store, bench_keys, size, chunk, seed)
+                        blob_id = add_random_blob(store, bench_keys, size, chunk, seed).blob_id
                         device.downloader.max_inflight_bytes = window * chunk
                         head_at.clear()
                         start = time.monotonic()
-                        device.downloader.fetch(manifest.sha256, window=window, timeout_s=60)
+                        device.downloader.fetch(blob_id, window=window, timeout_s=60)
                         end = time.monotonic()
                         elapsed = end - start
                         plan = device.downloader.last_plan
@@ -165,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         end - plan.last_progress))
                         assert plan is not None and plan.window == window, "the window asked for is not the one used"
                         rerequests[(chunk, window)] += plan.rerequests
-                        device.downloader.discard(manifest.sha256)
-                        remove_blob(store, manifest.sha256)
+                        device.downloader.discard(blob_id)
+                        remove_blob(store, blob_id)
                         ours[(chunk, window)].append(size / elapsed / MB)
                         log(f"  run {repeat + 1}: chunk {chunk // KiB} KiB window {window:2d}: "
                             f"ours {size / elapsed / MB:6.1f} MB/s, raw {raw[chunk][-1]:6.1f} MB/s")

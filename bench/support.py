@@ -34,9 +34,10 @@ from typing import Any
 
 from agent.protocol import bundle as bundle_mod
 from agent.protocol import keys
-from agent.protocol.manifest import FORMAT, FORMAT_VERSION, Manifest, TensorData, model_section
+from agent.protocol.manifest import FORMAT, FORMAT_VERSION, TensorData, model_section
 from agent.protocol.topics import Topics
 from fleet.broker import BrokerSettings, Layout, render_mosquitto_conf
+from fleet.repository import StoredBlob
 from tests.support.broker import HOST, Mosquitto
 
 FLEET = "bench"
@@ -126,16 +127,17 @@ def manifest_doc(model: bytes, chunk_size: int, *, name: str = "bench-model", ve
     }
 
 
-def add_random_blob(store: Any, bench_keys: BenchKeys, size: int, chunk_size: int, seed: int) -> Manifest:
-    """Sign a random model of ``size`` bytes in ``chunk_size`` chunks and put it in a ``BlobStore``."""
+def add_random_blob(store: Any, bench_keys: BenchKeys, size: int, chunk_size: int, seed: int) -> StoredBlob:
+    """Sign a random model of ``size`` bytes in ``chunk_size`` chunks and put it in a ``BlobStore``;
+    return the ``StoredBlob`` (fetch it by ``.blob_id``)."""
     model = random_model(size, seed)
     parts = bundle_mod.parse_bundle(bundle_mod.build(manifest_doc(model, chunk_size), model, bench_keys.release))
     return store.add_parts(parts.manifest_bytes, parts.signature_bytes, parts.model)
 
 
-def remove_blob(store: Any, sha256: str) -> None:
+def remove_blob(store: Any, blob_id: str) -> None:
     """Free the disk a finished run's blob took (the repository no longer finds it)."""
-    shutil.rmtree(store.blobs_dir / sha256, ignore_errors=True)
+    shutil.rmtree(store.blobs_dir / blob_id, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- TCP_NODELAY what-if

@@ -96,7 +96,8 @@ def _push(args: argparse.Namespace) -> int:
     if args.repo:
         BlobStore(args.repo, trusted).add_bundle(args.bundle)
     return _send(args, "deploy", push.deploy_args(manifest, parts.manifest_bytes),
-                 f"deploy {manifest.name} v{manifest.version} ({manifest.profile}, blob {manifest.sha256[:12]})")
+                 f"deploy {manifest.name} v{manifest.version} ({manifest.profile}, "
+                 f"blob {bundle_mod.blob_id(parts.manifest_bytes)[:12]})")
 
 
 def _rollback(args: argparse.Namespace) -> int:

@@ -98,8 +98,9 @@ def _server(args: argparse.Namespace) -> int:
     if not args.repository_only:
         from fleet.store import open_store
         store = open_store(args.db or str(data_dir / "fleet.db"))
-        ingest_link = link_from_args(args, prefix="litefleet-server", persistent=True, manual_ack=True)
-        ingest_link.client_id = f"{link.client_id}-ingest"
+        # its own client id: two connections with one id would take each other's session over and over
+        ingest_args = argparse.Namespace(**{**vars(args), "client_id": f"{link.client_id}-ingest"})
+        ingest_link = link_from_args(ingest_args, prefix="litefleet-server", persistent=True, manual_ack=True)
     options = ServerOptions(fleet=args.fleet, data_dir=data_dir, http_host=args.http_host,
                             http_port=args.http_port, metrics_token=args.metrics_token,
                             share_group=args.share_group or None, raw_retention_s=args.raw_retention,
@@ -117,12 +118,14 @@ def _repo_add(args: argparse.Namespace) -> int:
     results = []
     for path in args.bundles:
         try:
-            manifest = store.add_bundle(path)
+            stored = store.add_bundle(path)
         except (LitefleetError, OSError) as exc:  # a bad file must not stop the others
             results.append({"bundle": str(path), "ok": False, "error": str(exc)})
             continue
+        manifest = stored.manifest
         results.append({"bundle": str(path), "ok": True, "name": manifest.name, "version": manifest.version,
-                        "profile": manifest.profile, "blob": manifest.sha256, "chunks": len(manifest.chunks)})
+                        "profile": manifest.profile, "blob": stored.blob_id, "model_sha256": manifest.sha256,
+                        "chunks": len(manifest.chunks)})
     if args.json:
         print_json(results)
     else:

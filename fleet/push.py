@@ -21,7 +21,6 @@ Devices do not require seq order anyway (replays are caught by the command id).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.protocol import messages
+from agent.protocol.bundle import blob_id
 from agent.protocol.errors import LitefleetError
 from agent.protocol.manifest import Manifest
 from agent.protocol.topics import SCOPES, Topics, check_id
@@ -101,9 +101,13 @@ def next_seq(now: float | None = None) -> int:
 
 
 def deploy_args(manifest: Manifest, manifest_bytes: bytes) -> dict[str, Any]:
-    """The ``args`` of a deploy command for a verified bundle."""
-    return {"blob": manifest.sha256, "name": manifest.name, "version": manifest.version,
-            "profile": manifest.profile, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+    """The ``args`` of a deploy command for a verified bundle.
+
+    ``blob`` is the hash of the signed manifest (what the repository serves it under, and what the
+    device checks the head it receives against); ``model_sha256`` is the model's, for people and logs.
+    """
+    return {"blob": blob_id(manifest_bytes), "name": manifest.name, "version": manifest.version,
+            "profile": manifest.profile, "model_sha256": manifest.sha256}
 
 
 def matches(target: Target, status: dict[str, Any]) -> bool:

@@ -1,17 +1,20 @@
 """The host's bundle repository: a content-addressed store on disk and the MQTT service that
 answers devices' chunk requests.
 
-Store layout, one directory per model (its sha256 is the blob id a deploy command names)::
+Store layout, one directory per signed manifest. Its blob id, the name a deploy command
+carries, is the sha256 of the ``manifest.json`` bytes (:func:`agent.protocol.bundle.blob_id`),
+not the model's: one model file may have several manifests (the same int8 model converted for
+two profiles), and each must be served its own head::
 
-    <root>/blobs/<model sha256>/manifest.json
-                               /manifest.sig
-                               /model.tflite
+    <root>/blobs/<blob id>/manifest.json
+                          /manifest.sig
+                          /model.tflite
 
 A bundle is verified against the trusted release keys before anything is written, and each
 blob directory appears whole or not at all (written beside, then renamed into place).
 
 The service listens to every device's ``chunkreq`` topic and publishes on the blob's ONE
-shared stream ``blob/{sha}/chunks``, so that 100 devices fetching a model cost one copy of it
+shared stream ``blob/{blob_id}/chunks``, so that 100 devices fetching a model cost one copy of it
 on the host's uplink. Requests for chunks published in the last ``merge_window_s`` seconds are
 merged (every device subscribed to the stream before asking, so it has that copy coming); a
 device that asks again later, having missed it, is served again. The head (manifest and
@@ -62,7 +65,10 @@ class RepositoryError(LitefleetError):
 
 @dataclass(frozen=True)
 class StoredBlob:
-    """One blob in the store: its verified manifest and where its model lies."""
+    """One blob in the store: its verified manifest and where its model lies.
+
+    ``blob_id`` names the blob (the manifest's hash); ``manifest.sha256`` is the model's.
+    """
 
     manifest: Manifest
     manifest_bytes: bytes
@@ -70,8 +76,8 @@ class StoredBlob:
     model_path: Path
 
     @property
-    def sha256(self) -> str:
-        return self.manifest.sha256
+    def blob_id(self) -> str:
+        return bundle_mod.blob_id(self.manifest_bytes)
 
     @property
     def count(self) -> int:
@@ -80,7 +86,7 @@ class StoredBlob:
     def read_chunk(self, index: int) -> bytes:
         """The bytes of chunk ``index`` (read from disk: the page cache keeps hot blobs cheap)."""
         if not 0 <= index < self.count:
-            raise IndexError(f"chunk {index} is out of range for blob {self.sha256} ({self.count} chunks)")
+            raise IndexError(f"chunk {index} is out of range for blob {self.blob_id} ({self.count} chunks)")
         start = index * self.manifest.chunk_size
         length = min(self.manifest.chunk_size, self.manifest.size - start)
         with open(self.model_path, "rb") as handle:
@@ -96,8 +102,8 @@ class BlobStore:
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         self.trusted = list(trusted)
 
-    def add_bundle(self, path: str | os.PathLike[str]) -> Manifest:
-        """Verify a bundle file (signature, then model hashes) and store it; return its manifest."""
+    def add_bundle(self, path: str | os.PathLike[str]) -> StoredBlob:
+        """Verify a bundle file (signature, then model hashes) and store it; return the stored blob."""
         parts = bundle_mod.read_bundle(path)
         try:
             verified = bundle_mod.verify(parts, self.trusted)
@@ -105,7 +111,7 @@ class BlobStore:
             raise RepositoryError(f"{path}: refused, not stored: {exc}") from None
         return self._write(verified.manifest, parts.manifest_bytes, parts.signature_bytes, parts.model)
 
-    def add_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes) -> Manifest:
+    def add_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes) -> StoredBlob:
         """Like :meth:`add_bundle` for parts already in memory."""
         try:
             verified = bundle_mod.verify(bundle_mod.Bundle(manifest_bytes, signature_bytes, model), self.trusted)
@@ -113,12 +119,15 @@ class BlobStore:
             raise RepositoryError(f"bundle refused, not stored: {exc}") from None
         return self._write(verified.manifest, manifest_bytes, signature_bytes, model)
 
-    def _write(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, model: bytes) -> Manifest:
-        final = self.blobs_dir / manifest.sha256
+    def _write(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, model: bytes) -> StoredBlob:
+        blob = bundle_mod.blob_id(manifest_bytes)
+        final = self.blobs_dir / blob
+        stored = StoredBlob(manifest, manifest_bytes, signature_bytes, final / MODEL_FILENAME)
         if final.is_dir() and _read(final / bundle_mod.MANIFEST_NAME) == manifest_bytes \
-                and _read(final / bundle_mod.SIGNATURE_NAME) == signature_bytes:
-            return manifest  # already stored, byte for byte
-        tmp = self.blobs_dir / f".tmp-{manifest.sha256[:16]}-{uuid.uuid4().hex[:8]}"
+                and _read(final / bundle_mod.SIGNATURE_NAME) == signature_bytes \
+                and (final / MODEL_FILENAME).is_file():
+            return stored  # already stored, byte for byte (the model is what this manifest signs)
+        tmp = self.blobs_dir / f".tmp-{blob[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             for name, data in ((bundle_mod.MANIFEST_NAME, manifest_bytes),
@@ -127,8 +136,8 @@ class BlobStore:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-            if final.exists():  # same model, another manifest (re-signed, new version): replace it
-                old = self.blobs_dir / f".old-{manifest.sha256[:16]}-{uuid.uuid4().hex[:8]}"
+            if final.exists():  # same manifest, another signature (re-signed) or a damaged copy: replace it
+                old = self.blobs_dir / f".old-{blob[:16]}-{uuid.uuid4().hex[:8]}"
                 os.rename(final, old)
                 os.rename(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
@@ -138,13 +147,13 @@ class BlobStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return manifest
+        return stored
 
-    def get(self, sha256: str) -> StoredBlob | None:
-        """The stored blob, or None when the store does not hold it."""
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+    def get(self, blob_id: str) -> StoredBlob | None:
+        """The stored blob ``blob_id`` (a manifest's sha256), or None when the store does not hold it."""
+        if not _is_blob_id(blob_id):
             return None
-        directory = self.blobs_dir / sha256
+        directory = self.blobs_dir / blob_id
         manifest_bytes = _read(directory / bundle_mod.MANIFEST_NAME)
         signature_bytes = _read(directory / bundle_mod.SIGNATURE_NAME)
         if manifest_bytes is None or signature_bytes is None or not (directory / MODEL_FILENAME).is_file():
@@ -152,12 +161,22 @@ class BlobStore:
         try:
             manifest = Manifest.parse(manifest_bytes, str(directory / bundle_mod.MANIFEST_NAME))
         except BundleError as exc:
-            log.error("stored blob %s is damaged: %s", sha256, exc)
+            log.error("stored blob %s is damaged: %s", blob_id, exc)
+            return None
+        if bundle_mod.blob_id(manifest_bytes) != blob_id:
+            log.error("stored blob %s is damaged: its manifest.json hashes to %s", blob_id,
+                      bundle_mod.blob_id(manifest_bytes))
             return None
         return StoredBlob(manifest, manifest_bytes, signature_bytes, directory / MODEL_FILENAME)
 
     def list(self) -> list[str]:
+        """The ids of the stored blobs."""
         return sorted(p.name for p in self.blobs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_blob_id(text: str) -> bool:
+    """Lowercase hex sha256: anything else is never a directory name to look up."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _read(path: Path) -> bytes | None:
@@ -309,7 +328,7 @@ class RepositoryService:
         self._scheduler = ChunkScheduler(merge_window_s)
         self._throttle = Throttle(log_interval_s)
         self._lock = threading.Lock()
-        self._blobs: dict[str, StoredBlob | None] = {}
+        self._blobs: dict[str, tuple[StoredBlob, int]] = {}   # blob id -> (blob, its directory's inode)
         self._connection: object = None
         self._filter = self.topics.all_devices("chunkreq")
         self._started = False
@@ -343,13 +362,13 @@ class RepositoryService:
         return [r for r in records if (device_id is None or r.device_id == device_id)
                 and (blob is None or r.blob == blob)]
 
-    def forget(self, sha256: str | None = None) -> None:
-        """Drop cached blob lookups (after the store changed underneath the service)."""
+    def forget(self, blob_id: str | None = None) -> None:
+        """Drop cached blob lookups (not needed for correctness: see :meth:`_blob`)."""
         with self._lock:
-            if sha256 is None:
+            if blob_id is None:
                 self._blobs.clear()
             else:
-                self._blobs.pop(sha256, None)
+                self._blobs.pop(blob_id, None)
 
     # handling ------------------------------------------------------------------------------------
     def _on_request(self, message: Any) -> None:
@@ -371,35 +390,35 @@ class RepositoryService:
             return
         self._serve(device, request["blob"], bool(request["head"]), tuple(request["chunks"]), now)
 
-    def _serve(self, device: str, sha: str, head: bool, chunks: tuple[int, ...], now: float) -> None:
-        blob = self._blob(sha)
+    def _serve(self, device: str, blob_id: str, head: bool, chunks: tuple[int, ...], now: float) -> None:
+        blob = self._blob(blob_id)
         if blob is None:
             with self._lock:
                 self._stats["requests"] += 1
                 self._stats["unknown_blob"] += 1
-                self.requests.append(RequestRecord(now, device, sha, head, chunks, (), "unknown_blob"))
+                self.requests.append(RequestRecord(now, device, blob_id, head, chunks, (), "unknown_blob"))
             if self._throttle.allow(f"unknown:{device}", now):
                 log.warning("device %s asked for blob %s, which this repository does not hold (no answer sent; "
-                            "add the bundle with `litefleet server` / BlobStore.add_bundle)", device, sha)
+                            "add the bundle with `litefleet server` / BlobStore.add_bundle)", device, blob_id)
             return
         bad = [i for i in chunks if i >= blob.count]
         if bad:
             with self._lock:
                 self._stats["requests"] += 1
                 self._stats["malformed"] += 1
-                self.requests.append(RequestRecord(now, device, sha, head, chunks, (), "bad_index"))
+                self.requests.append(RequestRecord(now, device, blob_id, head, chunks, (), "bad_index"))
             if self._throttle.allow(device, now):
                 log.warning("device %s asked for chunk(s) %s of blob %s, which has %d chunks; request dropped",
-                            device, bad[:5], sha, blob.count)
+                            device, bad[:5], blob_id, blob.count)
             return
         self._check_connection()
         wanted = ([HEAD] if head else []) + list(chunks)
         with self._lock:
-            to_send = self._scheduler.claim(sha, wanted, now, device)
+            to_send = self._scheduler.claim(blob_id, wanted, now, device)
             self._stats["requests"] += 1
             self._stats["merged"] += len(set(wanted)) - len(to_send)
-            self.requests.append(RequestRecord(now, device, sha, head, chunks, tuple(to_send), "served"))
-        topic = str(self.topics.blob_chunks(sha))
+            self.requests.append(RequestRecord(now, device, blob_id, head, chunks, tuple(to_send), "served"))
+        topic = str(self.topics.blob_chunks(blob_id))
         for item in to_send:
             if item == HEAD:
                 payload = messages.encode_head(blob.count, blob.manifest_bytes, blob.signature_bytes)
@@ -415,22 +434,35 @@ class RepositoryService:
             except Exception as exc:  # too large for the broker, link refused: log, keep serving
                 with self._lock:
                     self._stats["publish_failed"] += 1
-                if self._throttle.allow(f"publish:{sha}", now):
+                if self._throttle.allow(f"publish:{blob_id}", now):
                     log.error("cannot publish %s of blob %s: %s", "head" if item == HEAD else f"chunk {item}",
-                              sha, exc)
+                              blob_id, exc)
                 continue
             with self._lock:
                 self._stats[key] += 1
                 self._stats[size_key] += len(payload)
 
-    def _blob(self, sha: str) -> StoredBlob | None:
+    def _blob(self, blob_id: str) -> StoredBlob | None:
+        # Caching by blob id is safe: the id is the hash of the manifest, so the manifest (and the
+        # model it signs) under one id never change; a new manifest for the same model is another
+        # blob. Only the signature may be replaced (the same manifest re-signed) or the blob removed:
+        # both swap or drop the directory, which the inode check below notices for one stat().
+        # A miss is not cached: a bundle may be added at any time.
+        try:
+            inode = (self.store.blobs_dir / blob_id).stat().st_ino if _is_blob_id(blob_id) else None
+        except OSError:
+            inode = None
         with self._lock:
-            if sha in self._blobs and self._blobs[sha] is not None:
-                return self._blobs[sha]
-        blob = self.store.get(sha)  # a miss is not cached: a bundle may be added at any time
+            cached = self._blobs.get(blob_id)
+            if cached is not None and inode is not None and cached[1] == inode:
+                return cached[0]
+            self._blobs.pop(blob_id, None)
+        if inode is None:
+            return None
+        blob = self.store.get(blob_id)
         if blob is not None:
             with self._lock:
-                self._blobs[sha] = blob
+                self._blobs[blob_id] = (blob, inode)
         return blob
 
     def _check_connection(self) -> None:

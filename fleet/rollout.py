@@ -328,7 +328,7 @@ class RolloutSpec:
     id: str
     fleet: str
     target: str
-    bundles: dict[str, dict[str, Any]]     # profile -> deploy args (blob, name, version, profile, manifest_sha256)
+    bundles: dict[str, dict[str, Any]]     # profile -> deploy args (blob, name, version, profile, model_sha256)
     stages: str = "1,10%,50%,100%"
     soak_s: float = 600.0
     max_failures: str = "5%"

@@ -14,7 +14,6 @@ breach is cleared from the broker with an empty retained message on that topic.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -71,11 +70,15 @@ def create_rollout(store: Any, doc: dict[str, Any], *, fleet: str, blob_store: A
                 raise RolloutError(f"bundles.{profile}: blob {args['blob']} is not in the repository "
                                    f"{blob_store.root}; add the bundle first (litefleet repo add, or rollout start "
                                    f"--repo)")
-            held = hashlib.sha256(stored.manifest_bytes).hexdigest()
-            if args.get("manifest_sha256") and held != args["manifest_sha256"]:
-                raise RolloutError(f"bundles.{profile}: the repository holds another manifest for blob "
-                                   f"{str(args['blob'])[:12]} ({stored.manifest.name} v{stored.manifest.version}); "
-                                   f"add this bundle to the repository again")
+            # the blob id is the manifest's hash, so the stored manifest IS the one named; check that
+            # the args describe it (a hand-written request could pair one blob with another's args)
+            held = stored.manifest
+            said = (args["name"], args["version"], args["profile"], args.get("model_sha256", held.sha256))
+            if said != (held.name, held.version, held.profile, held.sha256) or held.profile != profile:
+                raise RolloutError(f"bundles.{profile}: blob {str(args['blob'])[:12]} in the repository is "
+                                   f"{held.name} v{held.version} for profile {held.profile} (model "
+                                   f"{held.sha256[:12]}), not what these deploy args say ({said[0]} v{said[1]} "
+                                   f"for profile {said[2]}); use the args `litefleet rollout start` fills in")
     target = str(doc.get("target") or "")
     try:
         push.parse_target(target)

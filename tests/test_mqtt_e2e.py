@@ -152,6 +152,11 @@ class Env:
     v2_manifest: Manifest
     root: Path
 
+    @property
+    def v2_blob(self) -> str:
+        """v2's blob id, what a deploy names: the hash of its signed manifest (not of its model)."""
+        return bundle_mod.blob_id(bundle_mod.read_bundle(self.v2).manifest_bytes)
+
     def tls(self, identity: str) -> TlsFiles:
         return TlsFiles(str(self.layout.ca_cert), str(self.layout.client_cert(identity)),
                         str(self.layout.client_key(identity)))
@@ -182,7 +187,7 @@ class Env:
 
     def deploy_v2(self, device_id: str, **kwargs) -> dict:
         m = self.v2_manifest
-        return self.command("deploy", {"blob": m.sha256, "name": m.name, "version": m.version,
+        return self.command("deploy", {"blob": self.v2_blob, "name": m.name, "version": m.version,
                                        "profile": m.profile}, device_id, **kwargs)
 
     def send(self, command: dict, device_id: str, retain: bool = False) -> str:
@@ -392,18 +397,19 @@ def test_replayed_expired_badly_signed_and_wrong_profile_commands_are_rejected(e
     bad = rejected(env.deploy_v2("rej-1", key=keys.load_private(env.keys_dir / "release.key")), "bad_signature")
     assert "operator" in bad["reason"] or "role" in bad["reason"] or "trusted" in bad["reason"], bad["reason"]
     m = env.v2_manifest
-    wrong = rejected(env.command("deploy", {"blob": m.sha256, "name": m.name, "version": 3,
+    wrong = rejected(env.command("deploy", {"blob": env.v2_blob, "name": m.name, "version": 3,
                                             "profile": "rpi4-cpu"}, "rej-1"), "wrong_profile")
     assert "rpi4-cpu" in wrong["reason"]
 
     # a bundle signed by a release key the device does not trust: refused at the head
     unknown = make_bundle(tmp_path / "unknown.lfb", digits_tflite_float, env.other_key, version=7, chunk_size=CHUNK)
     um = env.store.add_bundle(unknown)
-    cid = env.send(env.command("deploy", {"blob": um.sha256, "name": um.name, "version": um.version,
-                                          "profile": um.profile}, "rej-1"), "rej-1")
+    cid = env.send(env.command("deploy", {"blob": um.blob_id, "name": um.manifest.name,
+                                          "version": um.manifest.version, "profile": um.manifest.profile},
+                               "rej-1"), "rej-1")
     refusal = env.watcher.wait_event("rej-1", "deploy_rejected", cid)
     assert refusal["details"]["code"] == "bad_signature" and "not a trusted key" in refusal["reason"], refusal
-    assert not any(r.chunks for r in env.service.request_log("rej-1", um.sha256)), "no chunk was fetched"
+    assert not any(r.chunks for r in env.service.request_log("rej-1", um.blob_id)), "no chunk was fetched"
     assert predict_ok(device, digits) == 2, "still serving the installed model"
     assert agent.proc.poll() is None
 
@@ -430,7 +436,7 @@ def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_servin
 
     # the blob stream, during a transfer, written by the server identity (the only one allowed to)
     m = env.v2_manifest
-    env.gated.hold(m.sha256, 2)
+    env.gated.hold(env.v2_blob, 2)
     cid = env.send(env.deploy_v2("bad-1"), "bad-1")
     assert env.gated.held.wait(30), "the transfer started"
     rogue = MqttLink(env.broker.url, "rogue-server", clean_start=True, session_expiry_s=0,
@@ -438,7 +444,7 @@ def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_servin
     rogue.start()
     try:
         assert rogue.wait_connected(10)
-        stream = str(T.blob_chunks(m.sha256))
+        stream = str(T.blob_chunks(env.v2_blob))
         count = len(m.chunks)
         bad_chunks = [messages.encode_chunk(3, count, b"\x00" * BIG)]           # 2 MB, wrong hash
         for payload in MALFORMED + bad_chunks:
@@ -460,12 +466,12 @@ def test_an_agent_killed_mid_transfer_resumes_asking_only_for_missing_chunks(env
     online(env, "ak-1", 1)
     env.store.add_bundle(env.v2)
     m = env.v2_manifest
-    env.gated.hold(m.sha256, len(m.chunks) // 2)
+    env.gated.hold(env.v2_blob, len(m.chunks) // 2)
     env.send(env.deploy_v2("ak-1"), "ak-1", retain=True)
     assert env.gated.held.wait(30)
     first.kill()                                           # SIGKILL mid-transfer
     killed_at = time.monotonic()
-    state = DownloadState(device.state / "downloads", m.sha256)
+    state = DownloadState(device.state / "downloads", env.v2_blob)
     on_disk = state.open(m)
     state.close()
     assert 0 < len(on_disk) < len(m.chunks), on_disk
@@ -475,7 +481,7 @@ def test_an_agent_killed_mid_transfer_resumes_asking_only_for_missing_chunks(env
     env.gated.open()
     wait_for(lambda: (device.status().get("model") or {}).get("version") == 2, 60,
              "the restarted agent to finish the deploy")
-    later = [r for r in env.service.request_log("ak-1", m.sha256) if r.time > killed_at]
+    later = [r for r in env.service.request_log("ak-1", env.v2_blob) if r.time > killed_at]
     asked = {i for r in later for i in r.chunks}
     assert asked and not asked & on_disk, f"asked again for chunks on disk: {sorted(asked & on_disk)}"
     assert not any(r.head for r in later), "the verified head was kept on disk"
@@ -489,7 +495,7 @@ def test_a_broker_killed_mid_transfer_and_restarted_the_transfer_completes(env, 
     online(env, "bk-1", 1)
     env.store.add_bundle(env.v2)
     m = env.v2_manifest
-    env.gated.hold(m.sha256, len(m.chunks) // 2)
+    env.gated.hold(env.v2_blob, len(m.chunks) // 2)
     env.send(env.deploy_v2("bk-1"), "bk-1", retain=True)
     assert env.gated.held.wait(30)
     connects = agent.log().count("connected to mqtts://")
@@ -498,7 +504,7 @@ def test_a_broker_killed_mid_transfer_and_restarted_the_transfer_completes(env, 
     env.gated.open()
     wait_for(lambda: (device.status().get("model") or {}).get("version") == 2, 60, "the install after the restart")
     counts: dict[int, int] = {}
-    for record in env.service.request_log("bk-1", m.sha256):
+    for record in env.service.request_log("bk-1", env.v2_blob):
         for i in record.chunks:
             counts[i] = counts.get(i, 0) + 1
     again = sorted(i for i, n in counts.items() if n > 1)

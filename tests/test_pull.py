@@ -9,6 +9,7 @@ placed deterministically from the Downloader's own DEPLOY_PROGRESS events, never
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,12 @@ def bundle_path(tmp_path_factory, digits_tflite_float, release_key) -> Path:
 @pytest.fixture(scope="module")
 def blob(bundle_path) -> Manifest:
     return Manifest.parse(bundle_mod.read_bundle(bundle_path).manifest_bytes)
+
+
+@pytest.fixture(scope="module")
+def blob_id(bundle_path) -> str:
+    """What a deploy command names: the hash of the signed manifest (blob.sha256 is the model's)."""
+    return bundle_mod.blob_id(bundle_mod.read_bundle(bundle_path).manifest_bytes)
 
 
 @dataclass
@@ -159,12 +166,12 @@ def assert_active(device: Device, sha: str) -> None:
     assert hashlib.sha256(active.read_model()).hexdigest() == sha
 
 
-def test_one_device_pulls_and_installs(mosquitto, start_repo, make_device, bundle_path, blob):
+def test_one_device_pulls_and_installs(mosquitto, start_repo, make_device, bundle_path, blob, blob_id):
     repo = start_repo(mosquitto.url, [bundle_path])
     device = make_device(mosquitto.url, "dev1")
-    prove_live(repo, device, blob.sha256)
-    parts = device.downloader.fetch(blob.sha256, timeout_s=20)
-    assert parts[2] == (repo.store.get(blob.sha256).model_path.read_bytes())
+    prove_live(repo, device, blob_id)
+    parts = device.downloader.fetch(blob_id, timeout_s=20)
+    assert parts[2] == (repo.store.get(blob_id).model_path.read_bytes())
     device.install(parts)
     assert_active(device, blob.sha256)
     percents = [e.details["milestone"] for e in device.progress("progress")]
@@ -173,17 +180,17 @@ def test_one_device_pulls_and_installs(mosquitto, start_repo, make_device, bundl
     assert repo.service.stats["chunks_published"] == len(blob.chunks)
 
 
-def test_five_devices_share_one_stream(mosquitto, start_repo, make_device, bundle_path, blob):
+def test_five_devices_share_one_stream(mosquitto, start_repo, make_device, bundle_path, blob, blob_id):
     repo = start_repo(mosquitto.url, [bundle_path])
     devices = [make_device(mosquitto.url, f"dev{n}") for n in range(5)]
-    prove_live(repo, devices[0], blob.sha256)
+    prove_live(repo, devices[0], blob_id)
     barrier = threading.Barrier(5)
     results: dict[str, object] = {}
 
     def pull(device: Device) -> None:
         barrier.wait(10)
         try:
-            results[device.name] = device.downloader.fetch(blob.sha256, timeout_s=20)
+            results[device.name] = device.downloader.fetch(blob_id, timeout_s=20)
         except Exception as exc:  # reported below
             results[device.name] = exc
 
@@ -207,14 +214,14 @@ def test_five_devices_share_one_stream(mosquitto, start_repo, make_device, bundl
 
 
 def test_a_corrupted_chunk_from_a_rogue_is_rejected_and_the_real_one_installed(
-        mosquitto, start_repo, make_device, bundle_path, blob, digits_tflite_float):
+        mosquitto, start_repo, make_device, bundle_path, blob, digits_tflite_float, blob_id):
     """The rogue needs publish rights on the blob stream: the plain test broker grants them; the
     production ACL that stops it is tested with the broker configuration."""
     repo = start_repo(mosquitto.url, [bundle_path])
     rogue = MqttLink(mosquitto.url, "rogue", clean_start=True)
     rogue.start()
     assert rogue.wait_connected(10)
-    stream = str(TOPICS.blob_chunks(blob.sha256))
+    stream = str(TOPICS.blob_chunks(blob_id))
     count = len(blob.chunks)
 
     def inject(event: ev.Event) -> None:
@@ -228,9 +235,9 @@ def test_a_corrupted_chunk_from_a_rogue_is_rejected_and_the_real_one_installed(
         assert all(t.wait(10) for t in tokens)
 
     device = make_device(mosquitto.url, "dev1", events=inject)
-    prove_live(repo, device, blob.sha256)
+    prove_live(repo, device, blob_id)
     try:
-        parts = device.downloader.fetch(blob.sha256, timeout_s=20)
+        parts = device.downloader.fetch(blob_id, timeout_s=20)
     finally:
         rogue.stop()
     device.install(parts)
@@ -241,8 +248,38 @@ def test_a_corrupted_chunk_from_a_rogue_is_rejected_and_the_real_one_installed(
     assert rejected and "chunk 0 of digits v1 failed its sha256, re-requesting" == rejected[0].reason
 
 
+def test_a_validly_signed_head_of_another_manifest_is_ignored(mosquitto, start_repo, make_device, bundle_path,
+                                                              blob, blob_id, tmp_path, digits_tflite_float,
+                                                              release_key, caplog):
+    """A head whose manifest does not hash to the requested blob id is ignored even though it is
+    signed by a trusted key and describes the same model bytes: here a rogue retains v2's head on
+    v1's stream, and the device still installs v1, the manifest the deploy command named."""
+    caplog.set_level(logging.WARNING, logger="litefleet.transfer")
+    other = bundle_mod.read_bundle(make_bundle(tmp_path / "v2.lfb", digits_tflite_float, release_key,
+                                               chunk_size=CHUNK, version=2))
+    other_id = bundle_mod.blob_id(other.manifest_bytes)
+    assert Manifest.parse(other.manifest_bytes).sha256 == blob.sha256 and other_id != blob_id
+    repo = start_repo(mosquitto.url, [bundle_path])
+    rogue = MqttLink(mosquitto.url, "rogue", clean_start=True)
+    rogue.start()
+    try:
+        assert rogue.wait_connected(10)
+        head = messages.encode_head(len(blob.chunks), other.manifest_bytes, other.signature_bytes)
+        assert rogue.publish(str(TOPICS.blob_chunks(blob_id)), head, qos=1, retain=True).wait(10)
+        device = make_device(mosquitto.url, "dev1")
+        prove_live(repo, device, blob_id)
+        manifest_bytes, _, _ = parts = device.downloader.fetch(blob_id, timeout_s=20)
+    finally:
+        rogue.stop()
+    assert manifest_bytes == bundle_mod.read_bundle(bundle_path).manifest_bytes
+    assert any(f"ignored a head on blob/{blob_id} whose manifest hashes to {other_id}" in r.getMessage()
+               for r in caplog.records), "the rogue's head arrived (retained) and was ignored"
+    device.install(parts)
+    assert device.store.active().manifest.version == 1
+
+
 def test_a_stopped_agent_resumes_asking_only_for_missing_chunks(mosquitto, start_repo, make_device,
-                                                                 bundle_path, blob):
+                                                                 bundle_path, blob, blob_id):
     repo = start_repo(mosquitto.url, [bundle_path])
 
     def stop_at_a_quarter(event: ev.Event) -> None:
@@ -250,13 +287,13 @@ def test_a_stopped_agent_resumes_asking_only_for_missing_chunks(mosquitto, start
             first.downloader.cancel()
 
     first = make_device(mosquitto.url, "dev1", events=stop_at_a_quarter)
-    prove_live(repo, first, blob.sha256)
+    prove_live(repo, first, blob_id)
     with pytest.raises(TransferError, match="cancelled") as info:
-        first.downloader.fetch(blob.sha256, timeout_s=20)
+        first.downloader.fetch(blob_id, timeout_s=20)
     assert info.value.code == "cancelled"
     first.link.stop()                                  # the agent goes away
 
-    state = DownloadState(first.state_dir / "downloads", blob.sha256)
+    state = DownloadState(first.state_dir / "downloads", blob_id)
     on_disk = state.open(blob)
     state.close()
     assert 0 < len(on_disk) < len(blob.chunks)
@@ -264,7 +301,7 @@ def test_a_stopped_agent_resumes_asking_only_for_missing_chunks(mosquitto, start
     seen = len(repo.service.request_log("dev1"))
 
     second = make_device(mosquitto.url, "dev1", state_dir=first.state_dir)  # same id, same state dir
-    parts = second.downloader.fetch(blob.sha256, timeout_s=20)
+    parts = second.downloader.fetch(blob_id, timeout_s=20)
     second.install(parts)
     assert_active(second, blob.sha256)
     later = repo.service.request_log("dev1")[seen:]
@@ -275,7 +312,7 @@ def test_a_stopped_agent_resumes_asking_only_for_missing_chunks(mosquitto, start
 
 
 def test_broker_restart_mid_transfer_re_requests_at_most_one_window(mosquitto_factory, start_repo, make_device,
-                                                                    bundle_path, blob):
+                                                                    bundle_path, blob, blob_id):
     broker = mosquitto_factory()
     repo = start_repo(broker.url, [bundle_path])
     paused, resume = threading.Event(), threading.Event()
@@ -286,10 +323,10 @@ def test_broker_restart_mid_transfer_re_requests_at_most_one_window(mosquitto_fa
             assert resume.wait(30)
 
     device = make_device(broker.url, "dev1", events=hold_at_a_quarter)
-    prove_live(repo, device, blob.sha256)
+    prove_live(repo, device, blob_id)
     result: dict[str, object] = {}
     thread = threading.Thread(target=lambda: result.update(
-        parts=_catch(lambda: device.downloader.fetch(blob.sha256, window=4, timeout_s=25))))
+        parts=_catch(lambda: device.downloader.fetch(blob_id, window=4, timeout_s=25))))
     thread.start()
     assert paused.wait(20)
     done_before = device.downloader.last_plan.done
@@ -318,14 +355,14 @@ def _catch(function):
         return exc
 
 
-def test_no_repository_fails_after_the_deadline_naming_the_blob(mosquitto, make_device, blob):
+def test_no_repository_fails_after_the_deadline_naming_the_blob(mosquitto, make_device, blob_id):
     device = make_device(mosquitto.url, "dev1")
     started = time.monotonic()
     with pytest.raises(TransferError) as info:
-        device.downloader.fetch(blob.sha256, timeout_s=2.0)
+        device.downloader.fetch(blob_id, timeout_s=2.0)
     elapsed = time.monotonic() - started
-    assert info.value.code == "no_answer" and info.value.blob == blob.sha256
-    assert blob.sha256 in str(info.value) and "repository did not answer" in str(info.value)
+    assert info.value.code == "no_answer" and info.value.blob == blob_id
+    assert blob_id in str(info.value) and "repository did not answer" in str(info.value)
     assert 2.0 <= elapsed < 4.0
     assert device.store.active() is None
 
@@ -336,7 +373,7 @@ def test_a_bundle_signed_by_an_unknown_key_is_rejected_at_the_head(mosquitto, st
     keys.generate("release", other)
     path = make_bundle(tmp_path / "unknown.lfb", digits_tflite_float, keys.load_private(other / "release.key"),
                        chunk_size=CHUNK, version=2)
-    sha = Manifest.parse(bundle_mod.read_bundle(path).manifest_bytes).sha256
+    sha = bundle_mod.blob_id(bundle_mod.read_bundle(path).manifest_bytes)
     repo = start_repo(mosquitto.url, [path], repo_trusted=[*trusted, keys.load_public(other / "release.pub")])
     device = make_device(mosquitto.url, "dev1")
     prove_live(repo, device, sha)
@@ -352,7 +389,7 @@ def test_a_bundle_signed_by_an_unknown_key_is_rejected_at_the_head(mosquitto, st
 def test_chunks_larger_than_the_brokers_packet_limit_fail_clearly(mosquitto_factory, start_repo, make_device,
                                                                   tmp_path, digits_tflite_float, release_key):
     path = make_bundle(tmp_path / "big-chunks.lfb", digits_tflite_float, release_key, chunk_size=32 * 1024)
-    sha = Manifest.parse(bundle_mod.read_bundle(path).manifest_bytes).sha256
+    sha = bundle_mod.blob_id(bundle_mod.read_bundle(path).manifest_bytes)
     broker = mosquitto_factory(lambda port: plain_config(port, "max_packet_size 16384"))
     repo = start_repo(broker.url, [path])
     device = make_device(broker.url, "dev1")

@@ -4,6 +4,7 @@ against a plain local mosquitto (TLS and the ACL are covered in tests/test_mqtt_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -149,7 +150,9 @@ def test_push_publishes_a_retained_signed_deploy(mosquitto, bundle, keys_dir, tr
     body = command["body"]
     manifest = Manifest.parse(bundle_mod.read_bundle(bundle).manifest_bytes)
     assert body["id"] == doc["command_id"] and body["seq"] == doc["seq"] and body["action"] == "deploy"
-    assert body["args"]["blob"] == manifest.sha256 and body["args"]["profile"] == "x86-cpu"
+    manifest_bytes = bundle_mod.read_bundle(bundle).manifest_bytes
+    assert body["args"]["blob"] == hashlib.sha256(manifest_bytes).hexdigest() != manifest.sha256
+    assert body["args"]["model_sha256"] == manifest.sha256 and body["args"]["profile"] == "x86-cpu"
     assert 3500 < body["expires_at"] - body["issued_at"] <= 3600
     from agent.protocol.commands import CommandGuard, Identity
     guard = CommandGuard(Identity("d", "f", ("lab",), "x86-cpu"))
@@ -166,11 +169,13 @@ def test_repo_add_stores_verified_bundles_and_refuses_others(bundle, keys_dir, t
     results = json.loads(r.stdout)
     assert results[0]["ok"] and not results[1]["ok"] and "not a trusted key" in results[1]["error"]
     assert [p.name for p in (tmp_path / "repo" / "blobs").iterdir()] == [results[0]["blob"]]
+    assert results[0]["blob"] == bundle_mod.blob_id(bundle_mod.read_bundle(bundle).manifest_bytes)
+    assert results[0]["model_sha256"] == hashlib.sha256(bundle_mod.read_bundle(bundle).model).hexdigest()
 
 
 def test_server_process_answers_chunk_requests_and_exits_0_on_sigterm(mosquitto, bundle, keys_dir, tmp_path):
     assert run_cli("repo", "add", str(bundle), "--repo", str(tmp_path / "repo"), "--trust", str(keys_dir)).returncode == 0
-    sha = Manifest.parse(bundle_mod.read_bundle(bundle).manifest_bytes).sha256
+    sha = bundle_mod.blob_id(bundle_mod.read_bundle(bundle).manifest_bytes)
     server = subprocess.Popen([sys.executable, "-m", "litefleet.cli", "server", "--broker", mosquitto.url, "--fleet", "f",
                                "--repo", str(tmp_path / "repo"), "--trust", str(keys_dir), "--stats-interval", "0.5"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import MqttLink
+from agent.protocol import bundle as bundle_mod
 from agent.protocol import keys, messages
 from agent.protocol.manifest import MODEL_FILENAME
 from agent.protocol.topics import Topics
@@ -118,17 +119,38 @@ def test_throttle_allows_one_per_key_per_interval():
 # --- BlobStore ---------------------------------------------------------------------------------------
 
 
-def test_store_verifies_then_writes_by_model_sha(tmp_path, bundle_path, trusted, digits_tflite_float):
+def test_store_verifies_then_writes_by_manifest_hash(tmp_path, bundle_path, trusted, digits_tflite_float):
     store = BlobStore(tmp_path / "repo", trusted)
-    manifest = store.add_bundle(bundle_path)
-    sha = hashlib.sha256(digits_tflite_float).hexdigest()
-    assert manifest.sha256 == sha and store.list() == [sha]
-    blob = store.get(sha)
+    stored = store.add_bundle(bundle_path)
+    blob_id = hashlib.sha256(bundle_mod.read_bundle(bundle_path).manifest_bytes).hexdigest()
+    assert stored.blob_id == blob_id and store.list() == [blob_id]
+    assert stored.manifest.sha256 == hashlib.sha256(digits_tflite_float).hexdigest() != blob_id
+    blob = store.get(blob_id)
     assert blob is not None and blob.count == len(digits_tflite_float) // CHUNK + 1
-    assert (tmp_path / "repo" / "blobs" / sha / MODEL_FILENAME).read_bytes() == digits_tflite_float
+    assert (tmp_path / "repo" / "blobs" / blob_id / MODEL_FILENAME).read_bytes() == digits_tflite_float
     assert b"".join(blob.read_chunk(i) for i in range(blob.count)) == digits_tflite_float
-    assert store.add_bundle(bundle_path).sha256 == sha, "adding the same bundle again is harmless"
+    assert store.add_bundle(bundle_path).blob_id == blob_id, "adding the same bundle again is harmless"
+    assert store.list() == [blob_id]
+    assert store.get(stored.manifest.sha256) is None, "the model's hash is not a blob id"
     assert store.get("0" * 64) is None and store.get("../etc") is None
+
+
+def test_one_model_for_two_profiles_is_two_blobs_each_with_its_own_manifest(tmp_path, trusted, release_key,
+                                                                              digits_tflite_int8):
+    """The same int8 model bytes converted for rpi4-cpu and rpi-zero2w-cpu: a rollout carries both
+    bundles; adding the second must not replace the first's manifest."""
+    store = BlobStore(tmp_path / "repo", trusted)
+    paths = {p: make_bundle(tmp_path / f"{p}.lfb", digits_tflite_int8, release_key, profile=p, mode="int8",
+                            chunk_size=CHUNK) for p in ("rpi4-cpu", "rpi-zero2w-cpu")}
+    stored = {p: store.add_bundle(path) for p, path in paths.items()}
+    assert stored["rpi4-cpu"].manifest.sha256 == stored["rpi-zero2w-cpu"].manifest.sha256
+    assert stored["rpi4-cpu"].blob_id != stored["rpi-zero2w-cpu"].blob_id
+    assert sorted(store.list()) == sorted(b.blob_id for b in stored.values())
+    for profile, path in paths.items():
+        blob = store.get(stored[profile].blob_id)
+        assert blob.manifest.profile == profile
+        assert blob.manifest_bytes == bundle_mod.read_bundle(path).manifest_bytes
+        assert blob.model_path.read_bytes() == digits_tflite_int8
 
 
 def test_store_refuses_unsigned_and_tampered_bundles_and_writes_nothing(tmp_path, digits_tflite_float, trusted):
@@ -143,7 +165,6 @@ def test_store_refuses_unsigned_and_tampered_bundles_and_writes_nothing(tmp_path
 
 
 def test_store_refuses_a_model_that_does_not_match_its_manifest(tmp_path, bundle_path, trusted):
-    from agent.protocol import bundle as bundle_mod
     parts = bundle_mod.read_bundle(bundle_path)
     model = bytearray(parts.model)
     model[5000] ^= 0xFF
@@ -191,7 +212,7 @@ def served(mosquitto, tmp_path, bundle_path, trusted):
     """A repository service on a real broker holding the digits bundle, a watcher on its stream,
     a device-side link to send requests from, and a hand-driven clock."""
     store = BlobStore(tmp_path / "repo", trusted)
-    sha = store.add_bundle(bundle_path).sha256
+    sha = store.add_bundle(bundle_path).blob_id
     clock = Clock()
     server = MqttLink(mosquitto.url, "litefleet-server", clean_start=True)
     service = RepositoryService(server, store, FLEET, clock=clock)
@@ -279,3 +300,43 @@ def test_unknown_blob_gets_no_answer_and_is_counted(served, caplog):
     wait_for(lambda: any(unknown in r.getMessage() and "does not hold" in r.getMessage() for r in caplog.records),
              what="a log line naming the unknown blob")
     assert service.stats["heads_published"] == 1, "only the probe's head was ever published"
+
+
+def test_each_profiles_blob_serves_its_own_head_though_the_model_is_the_same(mosquitto, tmp_path, trusted,
+                                                                              release_key, digits_tflite_int8):
+    """Devices of the first profile keep getting their own manifest after the second profile's
+    bundle of the same model is added (before blob ids, it replaced the first and they refused it)."""
+    store = BlobStore(tmp_path / "repo", trusted)
+    parts = {}
+    for profile in ("rpi4-cpu", "rpi-zero2w-cpu"):
+        path = make_bundle(tmp_path / f"{profile}.lfb", digits_tflite_int8, release_key, profile=profile,
+                           mode="int8", chunk_size=CHUNK)
+        parts[profile] = bundle_mod.read_bundle(path)
+    server = MqttLink(mosquitto.url, "litefleet-server", clean_start=True)
+    service = RepositoryService(server, store, FLEET)
+    service.start()
+    server.start()
+    device = MqttLink(mosquitto.url, "requester", clean_start=True)
+    device.start()
+    first = store.add_parts(parts["rpi4-cpu"].manifest_bytes, parts["rpi4-cpu"].signature_bytes,
+                            parts["rpi4-cpu"].model)
+    watchers = {}
+    try:
+        assert server.wait_connected(10) and device.wait_connected(10)
+        watchers["rpi4-cpu"] = Watcher(mosquitto.url, first.blob_id)
+        ask(device, "pi4", first.blob_id, head=True)   # served, and cached by the service
+        wait_for(lambda: watchers["rpi4-cpu"].indices() == [HEAD], what="the rpi4 head")
+        second = store.add_parts(parts["rpi-zero2w-cpu"].manifest_bytes, parts["rpi-zero2w-cpu"].signature_bytes,
+                                 parts["rpi-zero2w-cpu"].model)
+        watchers["rpi-zero2w-cpu"] = Watcher(mosquitto.url, second.blob_id)
+        ask(device, "zero", second.blob_id, head=True)
+        ask(device, "pi4b", first.blob_id, head=True)
+        for profile, watcher in watchers.items():
+            wait_for(lambda: HEAD in watcher.indices(), what=f"the {profile} head")
+            heads = [m for m in watcher.messages if m.kind == messages.KIND_HEAD]
+            manifest_bytes, _ = messages.split_head(heads[0], "test")
+            assert manifest_bytes == parts[profile].manifest_bytes, f"{profile} got another profile's manifest"
+        assert service.stats["unknown_blob"] == 0
+    finally:
+        for link in [device, server] + [w.link for w in watchers.values()]:
+            link.stop()

@@ -182,8 +182,8 @@ def env(tmp_path_factory, keys_dir, release_key, digits_tflite_float, digits_tfl
         2: make_bundle(root / "v2.lfb", digits_tflite_float, release_key, version=2),
         3: make_bundle(root / "v3.lfb", wide_cnn_tflite(root), release_key, version=3),
     }
-    # v4 is a different model file (the repository keys blobs by the model's sha256), with a wrong
-    # expected output for its smoke test: it converts, verifies and downloads, then fails on the device.
+    # v4 is the int8 model with a wrong expected output for its smoke test: it converts, verifies
+    # and downloads, then fails on the device.
     wrong = np.tile(np.array([[-128, 127]], dtype=np.int8), (1, 5))
     bundles[4] = make_bundle(root / "v4.lfb", digits_tflite_int8, release_key, version=4, mode="int8",
                              expected=wrong)

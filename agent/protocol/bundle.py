@@ -7,6 +7,7 @@ hold no I/O, :func:`read_bundle` and :func:`write_bundle` are the file edges.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,17 @@ class VerifiedBundle:
     manifest: Manifest
     signer: PublicKey
     model: bytes
+
+
+def blob_id(manifest_bytes: bytes) -> str:
+    """The id under which a repository stores and serves a bundle: sha256 hex of its signed
+    ``manifest.json`` bytes.
+
+    One blob per signed manifest; the manifest names the model by its own sha256. Keying by the
+    model's hash instead would merge bundles that share model bytes but differ in manifest (the
+    same int8 model for two profiles), and a device could be served the other profile's head.
+    """
+    return hashlib.sha256(manifest_bytes).hexdigest()
 
 
 def build(manifest_doc: dict[str, Any], model: bytes, release_key: Ed25519PrivateKey) -> bytes:

@@ -10,7 +10,8 @@ Layout under one versioned prefix, ``lf/v1/{fleet}/``::
     group/{name}/cmd        signed commands for a group
     profile/{name}/cmd      signed commands for every device of a profile
     all/cmd                 signed commands for the whole fleet
-    blob/{sha256}/chunks    the one chunk stream of a blob, shared by every device fetching it
+    blob/{blob_id}/chunks   the one chunk stream of a blob, shared by every device fetching it
+                            (blob id: sha256 of the signed manifest.json bytes)
 
 Identifiers are restricted to ``[A-Za-z0-9._-]`` so that no id can contain ``/``, ``+`` or
 ``#`` and reach into another device's topics.
