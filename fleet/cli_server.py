@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = r.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     add = sub.add_parser("add", help="verify bundles and add them to the repository",
                          description="Verify each bundle (signature by a trusted release key, model hashes) and "
-                                     "store it under DIR/blobs/<model sha256>/. A refused bundle is not stored; "
+                                     "store it under DIR/blobs/<blob id>/. A refused bundle is not stored; "
                                      "the exit status is 1 if any was refused.")
     add.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE")
     add.add_argument("--repo", required=True, type=Path, metavar="DIR")
