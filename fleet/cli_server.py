@@ -17,13 +17,7 @@ from fleet.repository import BlobStore
 
 def load_trust(paths: list[Path]) -> list[keys.PublicKey]:
     """Trusted public keys from files or directories; at least one must be a release key."""
-    trusted: list[keys.PublicKey] = []
-    for path in paths:
-        if path.is_dir():
-            trusted.extend(keys.load_trusted_dir(path))
-        else:
-            key = keys.load_public(path)
-            trusted.append(key if key.role else keys.PublicKey("release", key.key, key.path))
+    trusted = keys.load_trust_paths(paths)
     if not any(k.role == "release" for k in trusted):
         raise KeyFileError(f"--trust {' '.join(map(str, paths))}: no release key (release*.pub) among them; "
                            f"bundles could never be verified")

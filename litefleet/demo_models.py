@@ -152,16 +152,6 @@ def wide_cnn_tflite(directory: Path) -> bytes:
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert()
 
 
-def _tensor_spec(detail: dict[str, Any]) -> dict[str, Any]:
-    q = detail["quantization_parameters"]
-    quant = None
-    if len(q["scales"]):
-        quant = {"scale": [float(s) for s in q["scales"]], "zero_point": [int(z) for z in q["zero_points"]],
-                 "quantized_dimension": int(q["quantized_dimension"])}
-    return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]],
-            "dtype": np.dtype(detail["dtype"]).name, "quantization": quant}
-
-
 def write_slow_bundle(path: Path, model: bytes, template: Path, release_key: Path, evaluation: Path,
                       version: int) -> Path:
     """Sign ``model`` as digits v``version`` for the template bundle's profile, without validation."""
@@ -170,6 +160,7 @@ def write_slow_bundle(path: Path, model: bytes, template: Path, release_key: Pat
     from agent.protocol import bundle as bundle_mod
     from agent.protocol import keys
     from agent.protocol.manifest import TensorData, model_section
+    from converter.pipeline import tensor_spec
     doc = manifest_of(template)
     interp = Interpreter(model_content=model)
     interp.allocate_tensors()
@@ -187,8 +178,8 @@ def write_slow_bundle(path: Path, model: bytes, template: Path, release_key: Pat
         "version": version,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "model": model_section(model, chunk_size),
-        "inputs": [_tensor_spec(d) for d in interp.get_input_details()],
-        "outputs": [_tensor_spec(d) for d in interp.get_output_details()],
+        "inputs": [tensor_spec(d) for d in interp.get_input_details()],
+        "outputs": [tensor_spec(d) for d in interp.get_output_details()],
         "quantization": {"mode": "float32", "input_type": "float32", "output_type": "float32",
                          "calibration_samples": 0},
         "validation": {},

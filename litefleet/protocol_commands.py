@@ -183,19 +183,8 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_trust(paths: list[Path]) -> list[keys.PublicKey]:
-    trusted: list[keys.PublicKey] = []
-    for path in paths:
-        if path.is_dir():
-            trusted.extend(keys.load_trusted_dir(path))
-        else:
-            key = keys.load_public(path)
-            trusted.append(key if key.role else keys.PublicKey("release", key.key, key.path))
-    return trusted
-
-
 def _bundle_verify(args: argparse.Namespace) -> int:
-    trusted = _load_trust(args.trust)
+    trusted = keys.load_trust_paths(args.trust)
     verified = bundle_mod.verify(bundle_mod.read_bundle(args.file), trusted)
     m = verified.manifest
     if args.json:

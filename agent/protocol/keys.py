@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,3 +164,18 @@ def load_trusted_dir(directory: str | os.PathLike[str]) -> list[PublicKey]:
             raise KeyFileError(f"{path}: name must start with one of {', '.join(ROLES)} to say the key's role")
         keys.append(key)
     return keys
+
+
+def load_trust_paths(paths: Iterable[str | os.PathLike[str]]) -> list[PublicKey]:
+    """Public keys named on a command line: key files, or trusted-key directories.
+
+    A key file whose name names no role is taken as a release key (``--trust mykey.pub``).
+    """
+    trusted: list[PublicKey] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            trusted.extend(load_trusted_dir(path))
+        else:
+            key = load_public(path)
+            trusted.append(key if key.role else PublicKey("release", key.key, key.path))
+    return trusted

@@ -15,6 +15,7 @@ import numpy as np
 
 from agent.protocol import bundle as bundle_mod
 from agent.protocol.manifest import DEFAULT_CHUNK_SIZE, FORMAT, FORMAT_VERSION, TensorData, model_section
+from converter.pipeline import tensor_spec
 
 
 def _interpreter(model: bytes):
@@ -22,16 +23,6 @@ def _interpreter(model: bytes):
     interp = Interpreter(model_content=model)
     interp.allocate_tensors()
     return interp
-
-
-def _spec(detail: dict[str, Any]) -> dict[str, Any]:
-    q = detail["quantization_parameters"]
-    quant = None
-    if len(q["scales"]):
-        quant = {"scale": [float(s) for s in q["scales"]], "zero_point": [int(z) for z in q["zero_points"]],
-                 "quantized_dimension": int(q["quantized_dimension"])}
-    return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]],
-            "dtype": np.dtype(detail["dtype"]).name, "quantization": quant}
 
 
 def tensor(array: np.ndarray) -> dict[str, Any]:
@@ -63,8 +54,8 @@ def manifest_for(model: bytes, *, name: str = "digits", version: int = 1, profil
         "min_agent_version": "0.1.0",
         "producer": {"tool": "tests"},
         "model": model_section(model, chunk_size),
-        "inputs": [_spec(d) for d in interp.get_input_details()],
-        "outputs": [_spec(d) for d in interp.get_output_details()],
+        "inputs": [tensor_spec(d) for d in interp.get_input_details()],
+        "outputs": [tensor_spec(d) for d in interp.get_output_details()],
         "quantization": {"mode": mode, "input_type": np.dtype(inp["dtype"]).name,
                          "output_type": np.dtype(out["dtype"]).name, "calibration_samples": 0},
         "accelerator": accelerator or {"target": "cpu", "compiled": False},
