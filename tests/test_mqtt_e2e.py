@@ -32,7 +32,7 @@ from agent.protocol.commands import make_command
 from agent.protocol.manifest import Manifest
 from agent.protocol.topics import Topics
 from agent.store import ModelStore
-from agent.transfer import DownloadState
+from agent.transfer import DEFAULT_WINDOW, DownloadState
 from fleet import broker as broker_mod
 from fleet.broker import BrokerSettings, Layout, parse_device_spec, render_mosquitto_conf
 from fleet.repository import BlobStore, RepositoryService
@@ -508,7 +508,7 @@ def test_a_broker_killed_mid_transfer_and_restarted_the_transfer_completes(env, 
         for i in record.chunks:
             counts[i] = counts.get(i, 0) + 1
     again = sorted(i for i, n in counts.items() if n > 1)
-    assert len(again) <= 4, f"re-requested more than one window (4): {again}"
+    assert len(again) <= DEFAULT_WINDOW, f"re-requested more than one window ({DEFAULT_WINDOW}): {again}"
     assert set(counts) == set(range(len(m.chunks)))
     assert agent.proc.poll() is None
 
