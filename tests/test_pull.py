@@ -30,22 +30,13 @@ from agent.store import ModelStore
 from agent.transfer import Downloader, DownloadState, RetryPolicy, TransferError
 from fleet.repository import BlobStore, RepositoryService
 from tests.support.broker import mosquitto, mosquitto_factory, plain_config  # noqa: F401  (fixtures)
+from tests.support.agents import wait_for
 from tests.support.bundles import make_bundle
 
 FLEET = "test"
 TOPICS = Topics(FLEET)
 CHUNK = 4096
 RETRY = RetryPolicy(base_s=1.5, cap_s=6.0, jitter=0.5)   # > the repository's 1 s merge window
-
-
-def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)  # polling interval of a deadline loop
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

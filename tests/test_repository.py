@@ -18,21 +18,12 @@ from agent.protocol.manifest import MODEL_FILENAME
 from agent.protocol.topics import Topics
 from fleet.repository import HEAD, BlobStore, ChunkScheduler, RepositoryError, RepositoryService, Throttle
 from tests.support.broker import mosquitto, mosquitto_factory  # noqa: F401  (fixtures)
+from tests.support.agents import wait_for
 from tests.support.bundles import make_bundle
 
 FLEET = "test"
 TOPICS = Topics(FLEET)
 CHUNK = 4096
-
-
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)  # polling interval of a deadline loop
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

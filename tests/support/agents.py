@@ -17,7 +17,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition",
+             interval: float = 0.01) -> Any:
     """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
