@@ -14,6 +14,7 @@ never counted twice and a gap in a device's sequence numbers is a message lost.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -349,8 +350,9 @@ class Store:
                                        tail="ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq, ts",
                                        returning=True)
             # Per device: the range and number of sequence numbers actually inserted.
+            # Telemetry and events share one sequence space per device.
             seqs: dict[str, list[int]] = {}
-            for device_id, seq in inserted_tel:
+            for device_id, seq, *_ in itertools.chain(inserted_tel, inserted_ev):
                 s = seqs.get(device_id)
                 if s is None:
                     seqs[device_id] = [seq, seq, 1]
@@ -361,16 +363,7 @@ class Store:
                         s[1] = seq
                     s[2] += 1
             ev_seen: dict[str, float] = {}
-            for device_id, seq, ts in inserted_ev:
-                s = seqs.get(device_id)
-                if s is None:
-                    seqs[device_id] = [seq, seq, 1]
-                else:
-                    if seq < s[0]:
-                        s[0] = seq
-                    if seq > s[1]:
-                        s[1] = seq
-                    s[2] += 1
+            for device_id, _seq, ts in inserted_ev:
                 if ts > ev_seen.get(device_id, -math.inf):
                     ev_seen[device_id] = ts
             if seqs:
