@@ -13,6 +13,7 @@ fake one); the broker or the agent is killed while that chunk is held back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -460,6 +461,17 @@ def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_servin
     assert agent.proc.poll() is None
 
 
+def _verified_on_disk(part: Path, manifest) -> set[int]:
+    """Chunks of ``part`` that match the manifest, read without touching the file."""
+    try:
+        data = part.read_bytes()
+    except FileNotFoundError:
+        return set()
+    size = manifest.chunk_size
+    return {i for i, expected in enumerate(manifest.chunks)
+            if hashlib.sha256(data[i * size:(i + 1) * size]).hexdigest() == expected}
+
+
 def test_an_agent_killed_mid_transfer_resumes_asking_only_for_missing_chunks(env, agents):
     device = env.device("ak-1")
     first = agents(device)
@@ -469,6 +481,9 @@ def test_an_agent_killed_mid_transfer_resumes_asking_only_for_missing_chunks(env
     env.gated.hold(env.v2_blob, len(m.chunks) // 2)
     env.send(env.deploy_v2("ak-1"), "ak-1", retain=True)
     assert env.gated.held.wait(30)
+    # The repository reaching the held chunk does not mean the agent has written the ones before it.
+    wait_for(lambda: _verified_on_disk(device.state / "downloads" / env.v2_blob / DownloadState.PART, m), 30,
+             "the agent to write the first chunks to disk")
     first.kill()                                           # SIGKILL mid-transfer
     killed_at = time.monotonic()
     state = DownloadState(device.state / "downloads", env.v2_blob)

@@ -70,6 +70,8 @@ def test_server_ingests_serves_the_api_and_stops_cleanly(tmp_path, broker, keys_
         wait_for(lambda: token_file.exists() and _up(port), 60, "the server's API")
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
         assert device.wait_connected(10)
+        # The API answers before the ingest link has subscribed; telemetry sent earlier would have no reader.
+        wait_for(lambda: _ingest_subscribed(port, token_file.read_text().strip()), 60, "ingest to subscribe")
         topics = Topics(FLEET)
         device.publish(str(topics.status("dev-7")), _birth("dev-7"), retain=True).wait(10)
         for seq in (1, 2, 3, 5):      # 4 never arrives: one message lost
@@ -106,3 +108,10 @@ def _up(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _ingest_subscribed(port: int, token: str) -> bool:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/ingest",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return bool(json.loads(response.read())["subscribed"])
