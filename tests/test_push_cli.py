@@ -183,16 +183,18 @@ def test_server_process_answers_chunk_requests_and_exits_0_on_sigterm(mosquitto,
     topics = Topics("f")
     got: list = []
     device = MqttLink(mosquitto.url, "dev-1", clean_start=True, session_expiry_s=0)
-    device.subscribe(str(topics.blob_chunks(sha)), got.append)
+    stream = device.subscribe(str(topics.blob_chunks(sha)), got.append)
     device.start()
     try:
-        assert device.wait_connected(10)
+        assert device.wait_connected(10) and stream.wait(10), "the device's subscription to the chunk stream"
         request = messages.encode({"v": 1, "device_id": "dev-1", "blob": sha, "head": True, "chunks": [0]})
 
-        def answered():  # ask until the server's subscription is live
-            if not got:
-                device.publish(str(topics.chunk_requests("dev-1")), request).wait(5)
-            return {messages.decode_chunk(m.payload, m.topic).kind for m in got} >= {0, 1}
+        def answered():  # ask again until the server's own subscription is live and both came back
+            kinds = {messages.decode_chunk(m.payload, m.topic).kind for m in got}
+            if kinds >= {messages.KIND_CHUNK, messages.KIND_HEAD}:
+                return True
+            device.publish(str(topics.chunk_requests("dev-1")), request).wait(5)
+            return False
         wait_for(answered, 30, "the server to send the head and chunk 0", interval=0.3)
     finally:
         device.stop(2)
