@@ -15,6 +15,12 @@ A blob is named by its id, the sha256 of its signed ``manifest.json`` bytes
 requested id, so no other manifest (another profile's, or a rogue's validly signed older one)
 can stand in for the one the deploy command named.
 
+Sharing the blob's stream: the fetch subscribes to it and waits for the broker's SUBACK before
+its first request, so every copy the repository publishes after that request reaches it. Its
+first request asks for the head: that tells the repository the device subscribed anew. So does
+its first chunk request after a reconnect that lost the session, or when it did not ask for the
+head (it was on disk, or came retained first) and the broker did not keep its session.
+
 Download state lives in ``<state_dir>/downloads/<blob id>/`` (``manifest.json``,
 ``manifest.sig``, a preallocated ``model.part``). Which chunks are present is found by hashing
 ``model.part``'s chunks against the signed manifest on resume: no bitmap to keep consistent,
@@ -65,7 +71,8 @@ _PUBLISH_OVERHEAD = 19
 
 class TransferError(AgentError):
     """A model could not be fetched; retrying later may help. ``code``: ``no_answer``,
-    ``stalled``, ``packet_too_large``, ``cancelled``, ``disk``, ``corrupt``, ``bad_blob``."""
+    ``stalled``, ``packet_too_large``, ``cancelled``, ``disk``, ``corrupt``, ``bad_blob``,
+    ``not_authorized``."""
 
     def __init__(self, code: str, message: str, *, blob: str = "", missing: int = 0) -> None:
         self.code = code
@@ -82,8 +89,8 @@ class RetryPolicy:
     """How long to wait for an answer before asking again: doubling per attempt, capped, with
     jitter so that devices which lost the same message do not all ask again at the same instant.
 
-    The first wait should exceed the repository's merge window (1 s by default): a request
-    repeated inside it is merged with the copy already sent, and so is wasted.
+    The repository merges a device's first repeat with the copy it believes on its way (the
+    device is usually slow, not robbed) and serves the second, so a lost chunk costs two waits.
     """
 
     base_s: float = 2.0
@@ -101,6 +108,7 @@ class _Flight:
     sent_at: float
     attempts: int
     due: float
+    urgent: bool = False   # ask again at ``due`` even while other chunks arrive (a bad copy, a reconnect)
 
 
 class TransferPlan:
@@ -108,6 +116,11 @@ class TransferPlan:
 
     Chunks arriving unasked (another device's request on the shared stream) are welcome: any
     missing chunk that verifies is taken, and frees a slot of the window if it was in flight.
+
+    A chunk whose wait ran out is asked for again only once no new chunk has arrived for the
+    first retry wait (``retry.base_s``): while the stream keeps delivering, what we asked for is
+    queued behind what arrives (a busy broker or a busy device), and asking again would only
+    make the repository publish another copy to every device on the stream.
     """
 
     def __init__(self, count: int, *, now: float, present: Iterable[int] = (), window: int = DEFAULT_WINDOW,
@@ -150,11 +163,13 @@ class TransferPlan:
         """Chunks to ask for now: in-flight ones whose wait ran out, then new ones up to the window.
         They are recorded as requested at ``now``."""
         out = []
+        quiet = now - self.last_progress >= self.retry.base_s
         for index, flight in self.inflight.items():
-            if flight.due <= now:
+            if flight.due <= now and (flight.urgent or quiet):
                 flight.attempts += 1
                 flight.sent_at = now
                 flight.due = now + self.retry.timeout(flight.attempts, self.rng)
+                flight.urgent = False
                 self.rerequests += 1
                 out.append(index)
         room = self.window - len(self.inflight)
@@ -185,11 +200,13 @@ class TransferPlan:
         flight = self.inflight.get(index)
         if flight is not None:
             flight.due = min(flight.due, max(now, flight.sent_at + self.min_rerequest_s))
+            flight.urgent = True
 
     def reconnected(self, now: float) -> None:
         """The link came back: what was in flight may have died with the old connection."""
         for flight in self.inflight.values():
             flight.due = now
+            flight.urgent = True
 
     def expired(self, now: float) -> bool:
         return not self.complete and now - self.last_progress >= self.stall_timeout_s
@@ -197,7 +214,8 @@ class TransferPlan:
     def next_wakeup(self, now: float) -> float:
         """When the plan next has something to do if nothing arrives."""
         times = [self.last_progress + self.stall_timeout_s]
-        times += [f.due for f in self.inflight.values()]
+        quiet_at = self.last_progress + self.retry.base_s
+        times += [f.due if f.urgent else max(f.due, quiet_at) for f in self.inflight.values()]
         if len(self.inflight) < self.window and len(self.present) + len(self.inflight) < self.count:
             times.append(now)
         return min(times)
@@ -337,10 +355,15 @@ class Downloader:
             raise TransferError("bad_blob", str(exc), blob=str(blob_id)) from None
         self._cancel.clear()
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.link.subscribe(stream, inbox.put, qos=1)  # before any request: our copy must reach us
+        # Before any request, and no request before the broker's SUBACK: the repository merges our
+        # asks with copies it publishes after them, which must reach us.
+        # ``inline``: the handler only queues, so it runs on the network thread, saving a thread
+        # switch per chunk (measured: a local 15 MB pull 3-9% faster).
+        subscription = self.link.subscribe(stream, inbox.put, qos=1, inline=True)
         state = DownloadState(self.downloads_dir, blob_id)
         try:
-            manifest_bytes, signature_bytes, manifest = self._head(blob_id, state, inbox, timeout_s)
+            manifest_bytes, signature_bytes, manifest, asked = self._head(blob_id, state, inbox, timeout_s,
+                                                                          subscription)
             try:
                 self.installer.precheck(manifest)
             except InstallError:
@@ -361,7 +384,10 @@ class Downloader:
                        + (f"resuming with {plan.done} of {plan.count} chunks on disk" if plan.done
                           else f"fetching {plan.count} chunks of {manifest.chunk_size} bytes")
                        + f" (window {plan.window})")
-            self._pull(blob_id, manifest, plan, state, inbox)
+            # Not asked for the head (it was on disk, or came retained first): say we subscribed anew,
+            # unless the broker kept our session, whose queue holds what was on its way to us.
+            session = getattr(getattr(self.link, "connect_info", None), "session_present", False)
+            self._pull(blob_id, manifest, plan, state, inbox, subscription, announce=not asked and not session)
             model = state.read_model()
             if hashlib.sha256(model).hexdigest() != manifest.sha256:
                 state.discard()  # every chunk matched yet the whole does not: the manifest lies
@@ -377,7 +403,9 @@ class Downloader:
 
     # steps ------------------------------------------------------------------------------------------
     def _head(self, blob: str, state: DownloadState, inbox: queue.SimpleQueue,
-              timeout_s: float) -> tuple[bytes, bytes, Manifest]:
+              timeout_s: float, subscription: Any) -> tuple[bytes, bytes, Manifest, bool]:
+        """The verified head, and whether we asked for it (not when it was on disk, or came retained
+        before our request)."""
         stored = state.load_head()
         if stored is not None:
             try:
@@ -386,7 +414,7 @@ class Downloader:
                 state.discard()
                 raise
             if manifest is not None:
-                return stored[0], stored[1], manifest
+                return stored[0], stored[1], manifest, False
             state.discard()
         start = self._clock()
         due = start
@@ -399,7 +427,7 @@ class Downloader:
             if connected and not was_connected:
                 due = now
             was_connected = connected
-            if connected and now >= due:
+            if connected and now >= due and self._subscribed(blob, subscription, now + _POLL_S):
                 attempts += 1
                 self._request(blob, True, [])
                 due = now + self.retry.timeout(attempts, self._rng)
@@ -424,7 +452,7 @@ class Downloader:
             if manifest is None:
                 continue
             state.save_head(manifest_bytes, signature_bytes)
-            return manifest_bytes, signature_bytes, manifest
+            return manifest_bytes, signature_bytes, manifest, attempts > 0
 
     def _verify_head(self, blob: str, manifest_bytes: bytes, signature_bytes: bytes) -> Manifest | None:
         """The verified manifest; None for a head that is not blob ``blob``'s (ignored); InstallError if refused.
@@ -452,29 +480,17 @@ class Downloader:
                                 f"max_packet_size", blob=blob, missing=len(manifest.chunks))
 
     def _pull(self, blob: str, manifest: Manifest, plan: TransferPlan, state: DownloadState,
-              inbox: queue.SimpleQueue) -> None:
+              inbox: queue.SimpleQueue, subscription: Any, *, announce: bool) -> None:
+        """Ask for chunks until every one is on disk. ``announce``: the next request also asks for
+        the head, which tells the repository we subscribed anew, so that it forgets what it thought
+        was on its way to us (a resumed fetch, a reconnect that lost the session)."""
         step = progress_step(plan.percent(), -1) or 0
         was_connected = bool(self.link.connected)
-        while not plan.complete:
+        message = _get(inbox, 0.0)
+        while True:
             self._check_cancel(blob, plan)
-            now = self._clock()
-            connected = bool(self.link.connected)
-            if connected and not was_connected:
-                plan.reconnected(now)
-            was_connected = connected
-            if connected:
-                wanted = plan.next_requests(now)
-                if wanted:
-                    self._request(blob, False, wanted)
-            if plan.expired(now):
-                missing = plan.count - plan.done
-                raise TransferError("stalled", f"blob {blob}: {missing} of {plan.count} chunks still missing after "
-                                               f"{plan.stall_timeout_s:g}s without progress "
-                                               f"({'connected' if connected else 'not connected'} to the broker); "
-                                               f"the download state is kept and the next fetch resumes it",
-                                    blob=blob, missing=missing)
-            wait = plan.next_wakeup(now) - now if connected else _POLL_S
-            message = _get(inbox, wait)
+            # Take everything that arrived before deciding anything: a loop that was starved of
+            # CPU must not ask again for chunks already waiting in its inbox.
             while message is not None:
                 self._take(blob, message, manifest, plan, state)
                 try:
@@ -487,6 +503,30 @@ class Downloader:
                 self._emit(blob, manifest, plan, "progress",
                            f"{manifest.name} v{manifest.version}: {plan.done} of {plan.count} chunks ({reached}%)",
                            milestone=reached)
+            if plan.complete:
+                return
+            now = self._clock()
+            connected = bool(self.link.connected)
+            if connected and not was_connected:
+                plan.reconnected(now)
+                info = getattr(self.link, "connect_info", None)
+                announce = announce or not getattr(info, "session_present", False)
+            was_connected = connected
+            if connected and self._subscribed(blob, subscription, now + _POLL_S):
+                now = self._clock()
+                wanted = plan.next_requests(now)
+                if wanted or announce:
+                    self._request(blob, announce, wanted)
+                    announce = False
+            if plan.expired(now):
+                missing = plan.count - plan.done
+                raise TransferError("stalled", f"blob {blob}: {missing} of {plan.count} chunks still missing after "
+                                               f"{plan.stall_timeout_s:g}s without progress "
+                                               f"({'connected' if connected else 'not connected'} to the broker); "
+                                               f"the download state is kept and the next fetch resumes it",
+                                    blob=blob, missing=missing)
+            wait = plan.next_wakeup(now) - now if connected else _POLL_S
+            message = _get(inbox, wait)
 
     def _take(self, blob: str, message: Any, manifest: Manifest, plan: TransferPlan, state: DownloadState) -> None:
         try:
@@ -511,6 +551,21 @@ class Downloader:
                                         f"{state.part_path}: {exc}", blob=blob,
                                 missing=plan.count - plan.done) from None
         plan.received(index, self._clock())
+
+    def _subscribed(self, blob: str, subscription: Any, until: float) -> bool:
+        """Whether the broker acknowledged our subscription to the blob's stream on this connection,
+        waiting for its SUBACK until ``until`` at most. A refusal ends the fetch."""
+        wait = getattr(subscription, "wait", None)
+        if wait is None:  # a link without subscription tokens: in-order delivery is all we have
+            return True
+        if wait(max(0.0, until - self._clock())):
+            return True
+        refused = getattr(subscription, "refused", None)
+        if refused:
+            raise TransferError("not_authorized", f"the broker refused our subscription to blob {blob}'s chunk "
+                                                  f"stream ({refused}); check the broker's ACL for this device",
+                                blob=blob)
+        return False
 
     def _request(self, blob: str, head: bool, chunks: list[int]) -> None:
         payload = messages.encode({"v": messages.MESSAGE_VERSION, "device_id": self.device_id, "blob": blob,

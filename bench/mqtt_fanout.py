@@ -13,14 +13,22 @@ Two figures, each beside its baseline:
   cost about one copy (target <= 1.2x);
 * wall time of the 100 against one device alone (the median of one alone before and one after).
 
-Each pull uses its own signed random model of the same size, so the repository's merge window
-never carries over from one pull to the next. Chunks of 256 KiB and a window of 4: the defaults.
+Each pull uses its own signed random model of the same size, so what the repository remembers
+of one pull never serves the next. Chunks of 256 KiB and a window of 16: the defaults.
+
+The notes say where copies came from: how many times each chunk went out, how the devices' first
+requests spread in time, and how long the repository held the first chunks for devices still
+to come (its gathering: ``--gather-s`` and ``--start-s`` change it, 0 turns either off; see
+``fleet.repository.ChunkScheduler``). ``--trace FILE`` writes every request of the fan-out (time,
+device, head, chunks, what was published for it) as JSON.
 
     .venv/bin/python -m bench.mqtt_fanout [--quick] [--json] [--devices 100] [--size-mb 4]
+                                          [--gather-s S] [--start-s S] [--trace FILE]
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -44,6 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--size-mb", type=float, default=None, help="model size in MB (default 4; --quick 1)")
         parser.add_argument("--nodelay", action="store_true",
                             help="what-if: every paho client sets TCP_NODELAY (see bench/support.py)")
+        parser.add_argument("--gather-s", type=float, default=None,
+                            help="what-if: how long the repository waits for a device that asked for the head "
+                                 "to ask for chunks (default: the repository's own; 0 turns it off)")
+        parser.add_argument("--start-s", type=float, default=None,
+                            help="what-if: how long a new stream's first chunks wait (default: the "
+                                 "repository's own; 0 turns it off)")
+        parser.add_argument("--trace", type=Path, default=None,
+                            help="write the fan-out's request log (time s, device, head, chunks, published) as JSON")
     args = parse_args("100 devices pulling one model at once vs one device alone", argv, extra)
     count = args.devices or (10 if args.quick else 100)
     size = int((args.size_mb or (1 if args.quick else 4)) * MB)
@@ -62,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from fleet.repository import BlobStore
             store = BlobStore(root / "repo", bench_keys.trusted())
-            repo_proc, repo = spawn(repository_main, broker.url, str(root / "repo"), str(bench_keys.dir), args.nodelay)
+            gathering = {k: v for k, v in (("gather_s", args.gather_s), ("start_s", args.start_s)) if v is not None}
+            repo_proc, repo = spawn(repository_main, broker.url, str(root / "repo"), str(bench_keys.dir), args.nodelay,
+                                    gathering)
             children.append((repo_proc, repo))
             names = [f"dev{i:03d}" for i in range(count)]
             groups = [names[i::workers] for i in range(workers)]
@@ -118,6 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     asks = [0] * n_chunks                            # how many devices asked for it
     first_ask = min((r[0] for r in fan_requests), default=0.0)
     late_heads = sum(1 for r in fan_requests if r[2] and r[0] - first_ask > 1.0)
+    firsts: dict[str, float] = {}                    # each device's first request, from the first of all
+    for t, device, *_rest in fan_requests:
+        if device:                                   # "" = held chunks released when the gathering ran out
+            firsts.setdefault(device, t - first_ask)
+    spread = sorted(firsts.values())
+    first_chunk_out = min((r[0] - first_ask for r in fan_requests if any(i >= 0 for i in r[4])), default=None)
+    first_chunk_ask = min((r[0] - first_ask for r in fan_requests if r[3]), default=None)
+    if args.trace:
+        args.trace.write_text(json.dumps({"t0": first_ask, "requests": [
+            {"t": round(t - first_ask, 4), "device": d, "head": h, "chunks": list(c), "published": list(p)}
+            for t, d, h, c, p in fan_requests]}, indent=1))
     for _t, _device, _head, chunks, published in fan_requests:
         for index in chunks:
             asks[index] += 1
@@ -145,15 +174,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "published = chunk and head payload bytes the repository published (RepositoryService.stats)",
         f"fan-out, per chunk index: times published {per_index}; requests naming it {asks}; head requests "
         f"arriving more than 1 s after the first request: {late_heads} of {sum(1 for r in fan_requests if r[2])}",
+        f"fan-out, devices' first requests after the first of all (s): median "
+        f"{_at(spread, 0.5)}, 90% {_at(spread, 0.9)}, last {_at(spread, 1.0)}; first chunk request at "
+        f"{_ms(first_chunk_ask)}, first chunk published at {_ms(first_chunk_out)} (repository gathering: "
+        f"{', '.join(f'{k} {v:g}' for k, v in gathering.items()) or 'defaults'})",
     ] + [f"failed: {r[0]}: {r[2]}" for r in failures[:5]]
     report.verdict(f"repository published <= {TARGET_BYTES}x the model for {count} devices", fan_bytes <= TARGET_BYTES * size,
                    f"{fan_bytes / MB:.2f} MB for a {size / MB:g} MB model = {fan_bytes / size:.2f}x")
     report.verdict("every device got the model", not failures, f"{count - len(failures)} of {count}")
     report.data.update({"devices": count, "size_bytes": size, "alone_s": alone_s, "fanout_s": fan_wall,
                         "fanout_bytes": fan_bytes, "device_times_s": sorted(times), "published_per_chunk": per_index,
-                        "asks_per_chunk": asks})
+                        "asks_per_chunk": asks, "first_request_spread_s": [round(t, 4) for t in spread],
+                        "first_chunk_published_s": first_chunk_out, "gathering": gathering})
     report.print(args.json)
     return 0
+
+
+def _at(ordered: list[float], q: float) -> str:
+    return f"{ordered[round(q * (len(ordered) - 1))]:.3f}" if ordered else "-"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 if __name__ == "__main__":

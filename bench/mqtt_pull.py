@@ -9,7 +9,9 @@ configuration: ``set_tcp_nodelay``, ``max_queued_messages 0``, ``max_inflight_me
   signature, profile and capacity are checked; every chunk sha256-checked and written to
   ``model.part``, the whole model hashed at the end). Fetch only: the random bytes are never
   installed. Timed from ``fetch()`` to its return, head request included. Each run pulls a fresh
-  signed random model, so the repository's 1 s merge window never touches a run.
+  signed random model, so what the repository remembers of one run never serves the next; each
+  run is thus a new stream, whose first chunks the repository holds ``start_s`` for other
+  devices (``--start-s`` changes it; 0 turns it off).
 * raw: a bare paho publisher process pushes the same number of bytes in messages of the same
   chunk size at QoS 1 (paho defaults: 20 in flight) to a bare paho subscriber here that only
   counts: no protocol, no hashing, no disk. Timed from the go to the last message received.
@@ -19,7 +21,7 @@ and raw are interleaved so both see the same machine. ``max_inflight_bytes`` is 
 window x chunk so the requested window is the window used (the Downloader's default of 1 MiB
 would cap 256 KiB chunks at 4 and 1 MiB chunks at 1).
 
-    .venv/bin/python -m bench.mqtt_pull [--quick] [--json] [--size-mb 15] [--repeats 3]
+    .venv/bin/python -m bench.mqtt_pull [--quick] [--json] [--size-mb 15] [--repeats 3] [--start-s S]
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--windows", type=int, nargs="+", help="windows (default 1 2 4 8 16)")
         parser.add_argument("--nodelay", action="store_true",
                             help="what-if: every paho client (raw and ours) sets TCP_NODELAY (see bench/support.py)")
+        parser.add_argument("--start-s", type=float, default=None,
+                            help="what-if: how long the repository holds a new stream's first chunks for other "
+                                 "devices (default: the repository's own; 0 turns it off)")
     args = parse_args("One device pulling a model over MQTT vs raw mosquitto throughput", argv, extra)
     size = int((args.size_mb or (2 if args.quick else 15)) * MB)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -123,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from fleet.repository import BlobStore
             store = BlobStore(root / "repo", bench_keys.trusted())
-            repo_proc, repo = spawn(repository_main, broker.url, str(root / "repo"), str(bench_keys.dir), args.nodelay)
+            repo_proc, repo = spawn(repository_main, broker.url, str(root / "repo"), str(bench_keys.dir), args.nodelay,
+                                    None if args.start_s is None else {"start_s": args.start_s})
             pub_proc, pub = spawn(raw_publisher_main, broker.url, "5", args.nodelay)
             expect(repo, "ready")
             expect(pub, "ready")
@@ -197,12 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.notes += [
         "phases (medians): head = fetch() until the manifest is verified (subscribe, request, repository lookup, "
         "signature, precheck, head saved with fsync); chunks = from there to the last chunk written (the rate is "
-        "over the whole model); tail = last chunk until fetch() returns (fsync, re-read and sha256 of the model)",
+        "over the whole model, including the repository's hold of a new stream's first chunks: start_s "
+        f"{'default' if args.start_s is None else f'{args.start_s:g} s'}); tail = last chunk until fetch() "
+        "returns (re-read and sha256 of the model)",
         f"TCP_NODELAY on the clients' sockets: {'yes' if nodelay_on else 'no'}"
         + (" (--nodelay what-if: set by the benchmark on every paho client, raw and ours)" if args.nodelay
            else " (paho and agent/mqtt.py leave Nagle on; try --nodelay)"),
         f"median of {repeats} run(s) each; MB = 10^6 bytes; ours = Downloader.fetch() wall time incl. head "
-        f"request, signature check, per-chunk sha256, writes to model.part, final fsync and whole-model sha256",
+        f"request, signature check, per-chunk sha256, writes to model.part, re-read and whole-model sha256",
         "raw = bare paho publisher process -> mosquitto -> bare paho subscriber counting messages, QoS 1, "
         "paho's default 20 in flight, MQTT 5, same chunk size and total bytes",
         f"broker limits (from fleet.broker.render_mosquitto_conf): {'; '.join(project_tuning(max(chunks)))}",

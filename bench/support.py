@@ -207,8 +207,10 @@ def finish(proc: multiprocessing.Process, conn: Any, timeout: float = 30.0) -> N
         proc.join(5)
 
 
-def repository_main(conn: Any, url: str, store_root: str, keys_dir: str, nodelay: bool = False) -> None:
-    """Child: the real RepositoryService on its own MqttLink. Commands: ("stats",), ("requests",), ("stop",)."""
+def repository_main(conn: Any, url: str, store_root: str, keys_dir: str, nodelay: bool = False,
+                    gathering: dict[str, float] | None = None) -> None:
+    """Child: the real RepositoryService on its own MqttLink (``gathering``: its ``gather_s`` and
+    ``start_s`` if not the defaults). Commands: ("stats",), ("requests",), ("stop",)."""
     from agent.mqtt import MqttLink
     from fleet.repository import BlobStore, RepositoryService
     try:
@@ -216,7 +218,7 @@ def repository_main(conn: Any, url: str, store_root: str, keys_dir: str, nodelay
             enable_nodelay()
         store = BlobStore(store_root, BenchKeys(Path(keys_dir)).trusted())
         link = MqttLink(url, "litefleet-server", backoff=(0.1, 1.0), clean_start=True)
-        service = RepositoryService(link, store, FLEET)
+        service = RepositoryService(link, store, FLEET, **(gathering or {}))
         service.start()
         link.start()
         if not link.wait_connected(15):

@@ -40,7 +40,7 @@ def trusted(keys_dir):
 
 
 def test_requests_for_a_chunk_on_its_way_are_merged():
-    s = ChunkScheduler(window_s=1.0)
+    s = ChunkScheduler(window_s=1.0, start_s=0)
     assert s.claim("b", [7], 0.0) == [7]
     for device in range(99):                 # 99 more devices ask within the window
         assert s.claim("b", [7], 0.001 * device) == []
@@ -48,7 +48,7 @@ def test_requests_for_a_chunk_on_its_way_are_merged():
 
 
 def test_a_re_request_after_the_window_is_served_again():
-    s = ChunkScheduler(window_s=1.0)
+    s = ChunkScheduler(window_s=1.0, start_s=0)
     s.claim("b", [7], 0.0)
     assert s.claim("b", [7], 0.99) == []
     assert s.claim("b", [7], 1.0) == [7]
@@ -56,7 +56,7 @@ def test_a_re_request_after_the_window_is_served_again():
 
 
 def test_head_and_blobs_are_tracked_separately_and_clear_forgets():
-    s = ChunkScheduler(window_s=1.0)
+    s = ChunkScheduler(window_s=1.0, start_s=0)
     assert s.claim("a", [HEAD, 0], 0.0) == [HEAD, 0]
     assert s.claim("b", [HEAD, 0], 0.0) == [HEAD, 0]
     assert s.claim("a", [HEAD, 0, 0, 1], 0.1) == [1], "duplicates in one request count once"
@@ -66,7 +66,7 @@ def test_head_and_blobs_are_tracked_separately_and_clear_forgets():
 
 
 def test_a_copy_sent_after_a_devices_first_request_is_on_its_way_to_it():
-    s = ChunkScheduler()
+    s = ChunkScheduler(start_s=0)
     assert s.claim("b", [HEAD], 0.0, "a") == [HEAD]
     assert s.claim("b", [HEAD], 0.5, "b") == [], "the head is retained: b gets it on subscribing"
     assert s.claim("b", [3], 1.0, "a") == [3]
@@ -74,25 +74,114 @@ def test_a_copy_sent_after_a_devices_first_request_is_on_its_way_to_it():
 
 
 def test_a_device_that_subscribed_after_the_copy_went_out_is_served():
-    s = ChunkScheduler()
+    s = ChunkScheduler(start_s=0)
     s.claim("b", [HEAD], 0.0, "a")
     s.claim("b", [3], 1.0, "a")
     assert s.claim("b", [HEAD], 1.2, "late") == []
     assert s.claim("b", [3], 1.3, "late") == [3], "late was not on the stream when chunk 3 went out"
 
 
-def test_asking_again_means_the_copy_was_lost():
-    s = ChunkScheduler(resend_s=0.25)
+def test_a_first_re_ask_waits_for_the_copy_on_its_way_a_second_is_served():
+    """100 devices on two cores took over 2 s to drain their copies: their retries each cost a
+    copy to every device on the stream, which made the others slower still."""
+    s = ChunkScheduler(resend_s=0.25, gather_s=0, start_s=0)
     s.claim("b", [HEAD], 0.0, "a")
     s.claim("b", [HEAD], 0.0, "c")
     assert s.claim("b", [5], 1.0, "a") == [5]
-    assert s.claim("b", [5], 3.0, "a") == [5], "a retry is served"
-    assert s.claim("b", [5], 3.1, "c") == [], "c's first ask rides on the resend at 3.0"
-    assert s.claim("b", [5], 3.2, "a") == [], "two retries within resend_s cost one copy"
+    assert s.claim("b", [5], 3.0, "a") == [], "a is slow: the copy of 1.0 is still on its way"
+    assert s.claim("b", [5], 7.0, "a") == [5], "asked twice more: it was lost, served"
+    assert s.claim("b", [5], 7.1, "c") == [], "c's first ask rides on the resend at 7.0"
+    assert s.claim("b", [5], 7.2, "a") == [], "retries within resend_s cost no copy"
+
+
+def test_a_re_ask_long_after_the_copy_is_served():
+    s = ChunkScheduler(patience_s=60.0, gather_s=0, start_s=0)
+    s.claim("b", [HEAD], 0.0, "a")
+    assert s.claim("b", [5], 1.0, "a") == [5]
+    assert s.claim("b", [5], 61.0, "a") == [5], "after patience_s the copy may have expired in the broker"
+
+
+def test_asking_for_the_head_again_starts_afresh():
+    """A resumed fetch (or a reconnect that lost the session) subscribes anew: copies sent before
+    it no longer count as on their way."""
+    s = ChunkScheduler(gather_s=0, start_s=0)
+    s.claim("b", [HEAD], 0.0, "a")
+    assert s.claim("b", [0, 1], 1.0, "a") == [0, 1]
+    assert s.claim("b", [HEAD, 1, 2], 5.0, "a") == [1, 2], "chunk 1 went out before the new subscription"
+    assert s.claim("b", [2], 9.0, "a") == [], "chunk 2 of 5.0 is on its way to the new subscription"
+
+
+# --- gathering ------------------------------------------------------------------------------------------
+
+
+def test_chunks_wait_for_devices_that_asked_for_the_head_then_go_out_once():
+    s = ChunkScheduler(gather_s=0.5, max_gather_s=2.0, start_s=0)
+    assert s.claim("b", [HEAD], 0.00, "a") == [HEAD]
+    assert s.claim("b", [HEAD], 0.01, "b") == []
+    assert s.claim("b", [0, 1], 0.02, "a") == [], "b asked for the head and not yet for chunks"
+    assert s.held("b") == [0, 1] and s.next_release() == 0.51
+    assert s.claim("b", [HEAD], 0.10, "c") == [], "c joins the wait"
+    assert s.claim("b", [0, 1, 2], 0.15, "b") == [] and s.held("b") == [0, 1, 2]
+    assert s.claim("b", [0, 1, 2], 0.20, "c") == [0, 1, 2], "the last device waited for asked: all go out"
+    assert s.held("b") == [] and s.next_release() is None
+    assert s.claim("b", [0, 1, 2], 9.0, "a") == [], "a's held ask rode on the copy of 0.20"
+
+
+def test_a_device_alone_is_never_held():
+    s = ChunkScheduler(gather_s=0.5, start_s=0)
+    s.claim("b", [HEAD], 0.0, "a")
+    assert s.claim("b", [0, 1, 2, 3], 0.01, "a") == [0, 1, 2, 3]
+    assert s.next_release() is None
+
+
+def test_a_device_that_never_asks_for_chunks_is_waited_for_gather_s_at_most():
+    s = ChunkScheduler(gather_s=0.5, max_gather_s=2.0, start_s=0)
+    s.claim("b", [HEAD], 0.0, "refused")         # e.g. its manifest check failed: no chunk ask follows
+    s.claim("b", [HEAD], 0.1, "a")
+    assert s.claim("b", [0], 0.2, "a") == []
+    assert s.release(0.49) == {}
+    assert s.next_release() == 0.5
+    assert s.release(0.5) == {"b": [0]}
+    assert s.claim("b", [0], 0.6, "late") == [0], "a device that asked first after the release gets its copy"
+
+
+def test_devices_that_keep_joining_are_waited_for_max_gather_s_at_most():
+    s = ChunkScheduler(gather_s=0.5, max_gather_s=2.0, start_s=0)
+    s.claim("b", [HEAD], 0.0, "d0")
+    s.claim("b", [HEAD], 0.0, "d1")
+    assert s.claim("b", [0], 0.0, "d0") == []
+    for n in range(2, 20):                       # a new device asks for the head every 0.1 s
+        s.claim("b", [HEAD], n / 10, f"d{n}")
+        assert s.release(n / 10) == {}
+    assert s.next_release() == 2.0
+    assert s.release(2.0) == {"b": [0]}
+
+
+def test_a_new_streams_first_chunks_wait_start_s_for_devices_starting_a_little_later():
+    s = ChunkScheduler(start_s=0.05, gather_s=0.5)
+    s.claim("b", [HEAD], 0.00, "a")
+    assert s.claim("b", [0, 1], 0.01, "a") == [], "nobody else yet, but the stream is new"
+    assert s.next_release() == pytest.approx(0.06)
+    s.claim("b", [HEAD], 0.03, "b")
+    assert s.claim("b", [0, 1], 0.04, "b") == [], "held until the start hold is over"
+    assert s.release(0.055) == {}
+    assert s.release(0.07) == {"b": [0, 1]}
+    assert s.claim("b", [0, 1], 1.0, "c") == [0, 1], "the stream is not new any more: c is served at once"
+
+
+def test_gathering_time_zero_turns_gathering_off():
+    s = ChunkScheduler(gather_s=0.0, start_s=0)
+    s.claim("b", [HEAD], 0.0, "a")
+    s.claim("b", [HEAD], 0.0, "b")
+    assert s.claim("b", [0], 0.0, "a") == [0]
+    with pytest.raises(ValueError, match="gathering time must be >= 0"):
+        ChunkScheduler(gather_s=-1)
+    with pytest.raises(ValueError, match="start hold must be >= 0"):
+        ChunkScheduler(start_s=-0.1)
 
 
 def test_old_entries_are_pruned():
-    s = ChunkScheduler(window_s=1.0)
+    s = ChunkScheduler(window_s=1.0, start_s=0)
     for i in range(1000):
         s.claim(f"blob{i}", [HEAD, 0, 1, 2], 0.0, f"dev{i}")
     s.claim("x", [0], s.head_keep_s + 1)
@@ -205,7 +294,7 @@ def served(mosquitto, tmp_path, bundle_path, trusted):
     sha = store.add_bundle(bundle_path).blob_id
     clock = Clock()
     server = MqttLink(mosquitto.url, "litefleet-server", clean_start=True)
-    service = RepositoryService(server, store, FLEET, clock=clock)
+    service = RepositoryService(server, store, FLEET, clock=clock, start_s=0)   # held chunks need a running clock
     service.start()
     server.start()
     watcher = Watcher(mosquitto.url, sha)
@@ -239,10 +328,11 @@ def test_a_hundred_devices_asking_for_chunk_7_cause_one_publish(served):
     assert after["heads_published"] - before["heads_published"] == 0, "the retained head serves them all"
     assert after["merged"] - before["merged"] == 199
     wait_for(lambda: 7 in watcher.indices(), what="chunk 7 on the stream")
-    clock.now += 1.5                          # a device that missed it asks again after the window
-    ask(device, "dev042", sha, [7])
+    clock.now += 1.5                          # a device that was not on the stream when it went out
+    ask(device, "late", sha, head=True)
+    ask(device, "late", sha, [7])
     wait_for(lambda: watcher.indices().count(7) == 2, what="chunk 7 served again")
-    assert service.request_log("dev042")[-1].published == (7,)
+    assert service.request_log("late")[-1].published == (7,)
 
 
 def test_published_bytes_are_counted_and_chunks_are_intact(served, digits_tflite_float):

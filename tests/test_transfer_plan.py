@@ -68,6 +68,21 @@ def test_a_lost_chunk_is_asked_again_with_doubling_waits():
     assert p.rerequests == 3
 
 
+def test_a_chunk_in_flight_is_not_asked_again_while_others_keep_arriving():
+    """Chunks arriving mean the stream delivers: what we asked for is queued behind them (100
+    devices on two cores drained their copies for over 2 s); asking again would make the
+    repository publish another copy to every device on the stream."""
+    p = plan(10, window=4)
+    assert p.next_requests(0.0) == [0, 1, 2, 3]
+    p.received(1, 1.5)
+    p.received(2, 3.0)                          # chunk 0's wait ran out at 2.0, but chunks keep coming
+    assert p.next_requests(3.0) == [4, 5]
+    assert p.next_wakeup(3.0) == 5.0, "two quiet seconds after the last arrival"
+    assert p.next_requests(4.99) == []
+    assert p.next_requests(5.0) == [0, 3, 4, 5], "the stream went quiet and every wait ran out: ask again"
+    assert p.rerequests == 4
+
+
 def test_waits_are_capped_and_jittered_upwards():
     policy = RetryPolicy(base_s=2.0, cap_s=10.0, jitter=0.5)
     rng = random.Random(7)
