@@ -1,4 +1,4 @@
-"""The local inference API: TensorFlow Serving's REST shape over 127.0.0.1 and a Unix socket.
+"""The local inference API: TensorFlow Serving's REST shape over a Unix socket (and TCP if configured).
 
 Two layers, so the protocol logic can be tested without sockets:
 
@@ -16,13 +16,20 @@ Endpoints (``{v}`` is optional everywhere as ``/versions/{v}``)::
     GET  /v1/models/{name}                version status, TF Serving's shape
     GET  /v1/models/{name}/metadata       signature: names, dtypes, shapes, quantization
     POST /v1/models/{name}:predict        {"instances": [...]} or {"inputs": ...}, or a raw .npy body
+    POST /v1/models/{name}:feedback       {"prediction_id": "...", "label": 3} (litefleet extension)
 
 Quantized models take and return real values: the engine applies scale and zero point.
+
+Who may ask (agent/access.py): a process that can open the Unix socket (mode 0660, group
+``api.socket_group``) is authorised by that; over TCP every request needs a bearer token.
+After each predict the real inputs and outputs feed the model's drift monitor (agent/drift.py)
+and its predicted classes are remembered for field labels (agent/feedback.py).
 """
 
 from __future__ import annotations
 
 import email.utils
+import grp
 import io
 import json
 import logging
@@ -44,7 +51,10 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from agent import __version__
-from agent.errors import AgentError, InferenceError
+from agent.access import AccessControl, ApiToken, TokenSet
+from agent.drift import DEFAULT_WINDOW, DriftMonitor
+from agent.errors import AgentError, ConfigError, InferenceError
+from agent.feedback import FeedbackBook, parse_labels
 from agent.model_slot import ModelSlot
 
 log = logging.getLogger(__name__)
@@ -60,7 +70,9 @@ OnInference = Callable[[float, bool], None]
 _ROUTE = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?"
     r"(?:/(?P<sub>metadata|labels/[^/:]+)|:(?P<verb>[A-Za-z]+))?/?$")
-_ENDPOINTS = ("GET /v1/models/{name}", "GET /v1/models/{name}/metadata", "POST /v1/models/{name}:predict")
+_ENDPOINTS = ("GET /v1/models/{name}", "GET /v1/models/{name}/metadata", "POST /v1/models/{name}:predict",
+              "POST /v1/models/{name}:feedback")
+_VERBS = ("predict", "feedback")
 
 # TF Serving's names for tensor dtypes, used in the metadata answer.
 _TF_DTYPES = {"float32": "DT_FLOAT", "float16": "DT_HALF", "int8": "DT_INT8", "uint8": "DT_UINT8",
@@ -71,12 +83,17 @@ _TF_DTYPES = {"float32": "DT_FLOAT", "float16": "DT_HALF", "int8": "DT_INT8", "u
 
 @dataclass(frozen=True)
 class Request:
-    """One HTTP request; header names are matched case-insensitively."""
+    """One HTTP request; header names are matched case-insensitively.
+
+    ``via`` is the listener it came in on: "unix" (authorised by the socket's permissions) or
+    "tcp" (needs a bearer token when the API has tokens).
+    """
 
     method: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    via: str = "unix"
 
     def header(self, name: str, default: str = "") -> str:
         wanted = name.lower()
@@ -264,13 +281,25 @@ def encode_npy(array: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- the dispatcher
 
 class InferenceApi:
-    """Pure request -> response logic of the inference API (no sockets; thread-safe)."""
+    """Pure request -> response logic of the inference API (no sockets; thread-safe).
+
+    ``access`` decides who may ask (None: everyone); ``feedback`` remembers predictions for
+    field labels (None: a private book without a file); every served model that carries a
+    data profile gets a :class:`~agent.drift.DriftMonitor` over ``drift_window`` inferences,
+    made afresh when another model (or version) is swapped in.
+    """
 
     def __init__(self, slot: ModelSlot, *, on_inference: OnInference | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, access: AccessControl | None = None,
+                 feedback: FeedbackBook | None = None, drift_window: int = DEFAULT_WINDOW) -> None:
         self.slot = slot
         self.on_inference = on_inference
         self.max_body_bytes = max_body_bytes
+        self.access = access or AccessControl()
+        self.feedback = feedback or FeedbackBook()
+        self.drift_window = drift_window
+        self._drift_lock = threading.Lock()
+        self._drift: tuple[tuple[str, int, str], DriftMonitor | None] | None = None
 
     def body_too_large(self, length: int) -> Response | None:
         """The 413 answer for a body of ``length`` bytes, or None if it may be read."""
@@ -295,14 +324,18 @@ class InferenceApi:
     # routing ---------------------------------------------------------------------------
 
     def _dispatch(self, request: Request) -> Response:
+        path = urlsplit(request.path).path
+        match = _ROUTE.match(path)
+        token, refusal = self.access.check(request.via, request.header("Authorization"),
+                                           unquote(match["name"]) if match else None)
+        if refusal is not None:
+            return error_response(refusal.status, refusal.message, refusal.headers)
         too_big = self.body_too_large(len(request.body))
         if too_big is not None:
             return too_big
-        path = urlsplit(request.path).path
         if path.rstrip("/") == "/v1/models":
             self._allow(request, "GET")
-            return self._list_models()
-        match = _ROUTE.match(path)
+            return self._list_models(token)
         if not match:
             raise _Reject(404, f"no such endpoint: {path}; this API serves {', '.join(_ENDPOINTS)}")
         name, version = unquote(match["name"]), match["version"]
@@ -312,9 +345,12 @@ class InferenceApi:
         if sub and sub.startswith("labels/"):
             raise _Reject(404, "version labels are not supported; use /versions/{v} or no version")
         if verb is not None:
-            if verb != "predict":
-                raise _Reject(404, f"method ':{verb}' is not supported; this API serves ':predict' only")
+            if verb not in _VERBS:
+                raise _Reject(404, f"method ':{verb}' is not supported; this API serves "
+                                   f"{', '.join(':' + v for v in _VERBS)}")
             self._allow(request, "POST")
+            if verb == "feedback":
+                return self._feedback(request, name)
             return self._predict(request, name, version)
         self._allow(request, "GET")
         with self.slot.use() as model:
@@ -338,10 +374,10 @@ class InferenceApi:
 
     # GET endpoints ---------------------------------------------------------------------
 
-    def _list_models(self) -> Response:
+    def _list_models(self, token: ApiToken | None) -> Response:
         model = self.slot.get()
-        models = [] if model is None else [{"name": model.name, "version": str(model.version),
-                                            "state": "AVAILABLE", "sha256": model.sha256}]
+        models = [] if model is None or (token is not None and not token.allows(model.name)) else [
+            {"name": model.name, "version": str(model.version), "state": "AVAILABLE", "sha256": model.sha256}]
         return json_response(200, {"models": models})
 
     @staticmethod
@@ -425,7 +461,7 @@ class InferenceApi:
         arrays = [coerce(to_array(v, s), s, raw_allowed=False) for v, s in zip(values, ins)]
         outputs = run_model(model, arrays, ins)
         names = [s.name for s in outs]
-        ident = uuid.uuid4().hex
+        ident, rows = self._observe(model, arrays, ins, outputs)
         if has_rows:
             batch = outputs[0].shape[0] if outputs and outputs[0].ndim else 1
             if len(outputs) == 1:
@@ -437,7 +473,9 @@ class InferenceApi:
         else:
             body = {"outputs": outputs[0].tolist() if len(outputs) == 1
                     else {n: o.tolist() for n, o in zip(names, outputs)}}
-        body.update(id=ident, model_version=str(model.version))
+        body.update(prediction_id=ident, id=ident, model_version=str(model.version))
+        if rows is not None and len(rows) > 1:
+            body["prediction_ids"] = rows
         return json_response(200, body, {"X-Prediction-Id": ident, "X-Model-Version": str(model.version)})
 
     @staticmethod
@@ -478,16 +516,115 @@ class InferenceApi:
         if len(ins) != 1:
             raise _Reject(400, f"a .npy body carries one tensor but the model has {len(ins)} inputs "
                                f"{[s.name for s in ins]}; send JSON instead")
-        outputs = run_model(model, [coerce(array, ins[0], raw_allowed=True)], ins)
-        ident = uuid.uuid4().hex
+        arrays = [coerce(array, ins[0], raw_allowed=True)]
+        outputs = run_model(model, arrays, ins)
+        ident, rows = self._observe(model, arrays, ins, outputs)
         headers = {"X-Prediction-Id": ident, "X-Model-Version": str(model.version)}
         if JSON_TYPE in request.header("Accept").lower():
             names = [s.name for s in output_specs(model)]
             body = {"outputs": outputs[0].tolist() if len(outputs) == 1
                     else {n: o.tolist() for n, o in zip(names, outputs)},
-                    "id": ident, "model_version": str(model.version)}
+                    "prediction_id": ident, "id": ident, "model_version": str(model.version)}
+            if rows is not None and len(rows) > 1:
+                body["prediction_ids"] = rows
             return json_response(200, body, headers)
         return Response(200, {"Content-Type": NPY_TYPE, **headers}, encode_npy(outputs[0]))
+
+    # after the model ran: drift statistics and prediction ids ---------------------------
+
+    def _observe(self, model: Any, arrays: Sequence[np.ndarray], ins: Sequence[TensorSpec],
+                 outputs: Sequence[np.ndarray]) -> tuple[str, list[str] | None]:
+        """Feed the drift monitor and remember the predicted classes; (prediction_id, row ids).
+
+        Neither may fail a request that the model answered: a problem here is logged and the
+        answer goes out with a fresh, unremembered id.
+        """
+        try:
+            monitor = self._monitor(model)
+            if monitor is not None:
+                monitor.observe([_real(model, i, a, s) for i, (a, s) in enumerate(zip(arrays, ins))], outputs)
+            k = class_output(model)
+            if k is None:
+                return uuid.uuid4().hex, None
+            classes = output_specs(model)[k].shape[-1]
+            out = outputs[k]
+            predicted = out.reshape(-1, classes).argmax(axis=1).tolist()
+            return self.feedback.remember(model.name, model.version, classes, predicted)
+        except Exception:
+            log.exception("drift statistics / prediction memory failed for %s v%s", model.name, model.version)
+            return uuid.uuid4().hex, None
+
+    def _monitor(self, model: Any) -> DriftMonitor | None:
+        key = (model.name, model.version, model.sha256)
+        current = self._drift
+        if current is not None and current[0] == key:
+            return current[1]
+        with self._drift_lock:
+            if self._drift is None or self._drift[0] != key:   # another model: start a new window
+                self._drift = (key, DriftMonitor.for_model(model, window=self.drift_window))
+            return self._drift[1]
+
+    def drift_report(self) -> dict[str, Any] | None:
+        """The telemetry ``drift`` document of the model being served, or None (no profile, too few inferences)."""
+        model = self.slot.get()
+        current = self._drift
+        if model is None or current is None or current[1] is None \
+                or current[0] != (model.name, model.version, model.sha256):
+            return None
+        return current[1].report()
+
+    def feedback_report(self) -> dict[str, Any] | None:
+        """The telemetry ``feedback`` document of the model being served, or None before its first label."""
+        model = self.slot.get()
+        return None if model is None else self.feedback.report(model.name, model.version)
+
+    def _feedback(self, request: Request, name: str) -> Response:
+        try:
+            doc = json.loads(request.body) if request.body else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _Reject(400, f"malformed JSON body: {exc}") from None
+        items, listed = parse_labels(doc)
+        model = self.slot.get()
+        if model is None:
+            raise _Reject(503, "no model is loaded on this device yet, so no prediction can be labelled")
+        if name != model.name:
+            raise _Reject(404, f"model '{name}' is not served here; this device serves '{model.name}' "
+                               f"(version {model.version})")
+        k = class_output(model)
+        if k is None:
+            raise _Reject(400, f"model '{name}' v{model.version} has no class output (an output of shape [1, C]): "
+                               "field labels are class indexes and cannot be matched to its answers")
+        classes = output_specs(model)[k].shape[-1]
+        self.feedback.check(name, items)
+        results = self.feedback.record(name, model.version, classes, items)
+        if not listed:
+            result = results[0]
+            if not result.matched:
+                raise _Reject(404, f"prediction id {result.prediction_id} is unknown or expired: this agent remembers "
+                                   f"the last {self.feedback.capacity} predictions (api.feedback_window) and none "
+                                   "from before a restart; the label is counted as unmatched")
+            return json_response(200, result.to_dict())
+        matched = sum(r.matched for r in results)
+        return json_response(200, {"recorded": matched, "unmatched": len(results) - matched,
+                                   "results": [r.to_dict() for r in results]})
+
+
+def class_output(model: Any) -> int | None:
+    """The index of the model's first class output (shape [1, C], C >= 2), or None."""
+    for k, spec in enumerate(output_specs(model)):
+        if len(spec.shape) == 2 and spec.shape[0] == 1 and spec.shape[1] >= 2:
+            return k
+    return None
+
+
+def _real(model: Any, index: int, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """An input as real values: a raw quantized .npy body is dequantized with the engine's parameters."""
+    if array.dtype.kind == "f" or not spec.quantized:
+        return array
+    engine_specs = getattr(model, "input_specs", None)
+    if engine_specs is None:
+        return array.astype(np.float32)
+    return engine_specs[index].dequantize(array)
 
 
 # --------------------------------------------------------------------------- the socket server
@@ -598,7 +735,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError, OSError):
             self.close_connection = True
             return
-        request = Request(self.command, self.path, dict(self.headers.items()), body)
+        via = "unix" if isinstance(self.server, _UnixServer) else "tcp"
+        request = Request(self.command, self.path, dict(self.headers.items()), body, via)
         self._send(self.server.owner.api.handle(request))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
@@ -696,16 +834,41 @@ class _UnixServer(_ServerMixin, ThreadingHTTPServer):
     def server_bind(self) -> None:
         path = Path(self.server_address)
         _remove_stale_socket(path)
-        old_umask = os.umask(0o177)  # never world-writable, even for an instant
+        old_umask = os.umask(0o177)  # owner only until the group is set: never open, even for an instant
         try:
             self.socket.bind(str(path))
         finally:
             os.umask(old_umask)
+        if self.owner_socket_group is not None:
+            _give_to_group(path, self.owner_socket_group)
         os.chmod(path, self.owner_socket_mode)
         self.server_address = str(path)
         self.server_name, self.server_port = "localhost", 0
 
     owner_socket_mode = 0o660
+    owner_socket_group: str | None = None
+
+
+def _give_to_group(path: Path, group: str) -> None:
+    """Make ``group`` the socket's group, so that its members (the applications) may connect."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"api.socket_group: there is no group {group!r} on this system; create it "
+                          f"(groupadd --system {group}; `litefleet-agent install` does) or set socket_group = \"\"") \
+            from None
+    parent = path.parent.stat()
+    if not parent.st_mode & stat.S_IXOTH and not (parent.st_gid == gid and parent.st_mode & stat.S_IXGRP):
+        log.warning("members of %s cannot reach %s: its directory %s is mode %04o; put the socket in a directory "
+                    "they may enter (the unit's /run/litefleet is 0755)", group, path, path.parent,
+                    stat.S_IMODE(parent.st_mode))
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"api.socket_group: the agent (uid {os.geteuid()}) cannot give {path} to group {group!r}: "
+                          f"it must be a member (the unit's SupplementaryGroups= lists {group}) or root") from None
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -728,21 +891,34 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 class InferenceServer:
-    """The inference API on TCP (default 127.0.0.1) and/or a Unix socket, on background threads."""
+    """The inference API on a Unix socket and/or TCP, on background threads.
 
-    def __init__(self, slot: ModelSlot, *, tcp: tuple[str, int] | None = ("127.0.0.1", 8500),
+    The socket is mode ``socket_mode`` (0660) and, with ``socket_group``, owned by that group:
+    its members may connect. TCP needs ``tokens``: every request over it must present one.
+    """
+
+    def __init__(self, slot: ModelSlot, *, tcp: tuple[str, int] | None = None,
                  unix_socket: Path | str | None = None, on_inference: OnInference | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, socket_mode: int = 0o660,
+                 socket_group: str | None = None, tokens: TokenSet | None = None,
+                 feedback: FeedbackBook | None = None, drift_window: int = DEFAULT_WINDOW,
                  idle_timeout_s: float = 120.0,
                  on_accept: Callable[[socket.socket], None] | None = None) -> None:
         if tcp is None and unix_socket is None:
-            raise AgentError("the inference API needs a TCP address or a Unix socket path (api.tcp_port / api.unix_socket)")
+            raise AgentError("the inference API needs a Unix socket path or a TCP address "
+                             "(api.unix_socket / api.tcp_port)")
+        if tcp is not None and not tokens:
+            raise ConfigError("the inference API's TCP listener needs bearer tokens (api.tokens_file): without them "
+                              "any local process could ask the model; set api.tcp_port = 0 to serve the socket only")
         self.slot = slot
-        self.api = InferenceApi(slot, on_inference=on_inference, max_body_bytes=max_body_bytes)
+        self.access = AccessControl(tokens if tcp is not None else None)
+        self.api = InferenceApi(slot, on_inference=on_inference, max_body_bytes=max_body_bytes, access=self.access,
+                                feedback=feedback, drift_window=drift_window)
         self.on_accept = on_accept   # test/diagnostic hook: called with each accepted socket
         self._tcp = tcp
         self._unix = Path(unix_socket) if unix_socket is not None else None
         self._socket_mode = socket_mode
+        self._socket_group = socket_group or None
         self._idle_timeout = idle_timeout_s
         self._servers: list[_ServerMixin] = []
         self._threads: list[threading.Thread] = []
@@ -781,6 +957,7 @@ class InferenceServer:
                 unix = _UnixServer(str(self._unix), handler, bind_and_activate=False)
                 unix.init_tracking(self)
                 unix.owner_socket_mode = self._socket_mode
+                unix.owner_socket_group = self._socket_group
                 try:
                     unix.server_bind()
                     unix.server_activate()
@@ -788,6 +965,9 @@ class InferenceServer:
                     unix.server_close()
                     raise AgentError(f"cannot listen on {self._unix} ({exc.strerror or exc}); "
                                      "check the directory's permissions or set api.unix_socket") from None
+                except BaseException:
+                    unix.server_close()
+                    raise
                 self._servers.append(unix)
         except BaseException:
             self._close_servers()

@@ -15,7 +15,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
@@ -23,7 +23,12 @@ from agent.protocol import profiles as profiles_mod
 from agent.protocol.errors import ProfileError, SchemaError
 from agent.protocol.schema import Field, non_negative, positive, validate
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 DEFAULT_CONFIG_PATH = Path("/etc/litefleet/agent.toml")
+DEFAULT_X25519_KEY = "/etc/litefleet/keys/device.x25519.key"
+X25519_CREDENTIAL = "device.x25519.key"   # the name the unit's LoadCredential= gives it
 EX_CONFIG = 78
 BROKER_SCHEMES = ("mqtt", "mqtts", "ws", "wss")
 
@@ -85,11 +90,25 @@ BROKER_SCHEMA = {
     "keepalive_s": Field(int, required=False, default=30, check=positive),
 }
 
+def _group_name(value: str) -> str | None:
+    if not value or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", value):
+        return None
+    return f"must be a group name (letters, digits, '_', '.', '-'), or empty, got {value!r}"
+
+
 API_SCHEMA = {
     "unix_socket": Field(str, required=False, default="", doc="empty: <state_dir>/api.sock"),
+    "socket_group": Field(str, required=False, default="", check=_group_name,
+                          doc="the socket's group: its members may connect; empty: the agent's own group"),
     "tcp_host": Field(str, required=False, default="127.0.0.1"),
-    "tcp_port": Field(int, required=False, default=8500, check=_port),
+    "tcp_port": Field(int, required=False, default=0, check=_port, doc="0: no TCP listener"),
+    "tokens_file": Field(str, required=False, default="/etc/litefleet/api-tokens",
+                         doc="bearer tokens for the TCP listener: NAME TOKEN [MODELS] per line"),
     "workers": Field(int, required=False, default=2, check=positive),
+    "feedback_window": Field(int, required=False, default=10_000, check=positive,
+                             doc="predictions remembered for field labels"),
+    "drift_window": Field(int, required=False, default=1000, check=positive,
+                          doc="inferences in the drift statistics' sliding window"),
 }
 
 HEALTH_SCHEMA = {
@@ -108,6 +127,8 @@ SCHEMA: dict[str, Field] = {
     "profile": Field(str),
     "profiles_dir": Field(str, required=False, default=""),
     "trusted_keys_dir": Field(str, required=False, default="/etc/litefleet/trusted-keys"),
+    "x25519_key_file": Field(str, required=False, default="",
+                             doc="the device's X25519 private key for encrypted bundles; empty: none"),
     "state_dir": Field(str, required=False, default="/var/lib/litefleet"),
     "telemetry_interval_s": Field(float, required=False, default=30.0, check=positive),
     "spool_max_rows": Field(int, required=False, default=10_000, check=positive),
@@ -130,8 +151,12 @@ class BrokerConfig:
 class ApiConfig:
     unix_socket: str = ""       # resolved: never empty after parsing
     tcp_host: str = "127.0.0.1"
-    tcp_port: int = 8500        # 0 turns the TCP listener off
+    tcp_port: int = 0           # 0: no TCP listener (the default); otherwise bearer tokens are required
     workers: int = 2
+    socket_group: str = ""      # "": the socket keeps the agent's group
+    tokens_file: str = "/etc/litefleet/api-tokens"
+    feedback_window: int = 10_000
+    drift_window: int = 1000
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,22 @@ class AgentConfig:
     spool_max_rows: int
     api: ApiConfig
     health: HealthConfig = field(default_factory=HealthConfig)
+    x25519_key_file: str = ""  # resolved; systemd's credential device.x25519.key takes precedence
+
+    def load_x25519_key(self) -> "X25519PrivateKey | None":
+        """The device's X25519 private key (systemd credential, else ``x25519_key_file``), or None
+        when it has none: then it can install only unencrypted bundles."""
+        from agent.notify import systemd_credential
+        from agent.protocol import keys
+        from agent.protocol.errors import KeyFileError
+        path = systemd_credential(X25519_CREDENTIAL) or self.x25519_key_file
+        if not path:
+            return None
+        try:
+            return keys.load_x25519_private(path)
+        except KeyFileError as exc:
+            raise ConfigError(f"{self.path}: x25519_key_file: {exc} (`litefleet-agent install` makes the key; "
+                              f"an empty x25519_key_file means the device takes only unencrypted bundles)") from None
 
     def load_profile(self) -> profiles_mod.Profile:
         """The device profile the config names (already checked to load when the config was parsed)."""
@@ -207,6 +248,10 @@ def parse_config(text: str, source: str) -> AgentConfig:
         missing = "key_file" if broker["cert_file"] else "cert_file"
         raise ConfigError(f"{source}: broker.{missing}: a client certificate needs both cert_file and key_file")
 
+    # Read (and so checked) when the agent starts: under systemd the file is root-only and the agent
+    # gets a copy as a credential, and `install --root` writes configs naming files of another root.
+    x25519_key_file = resolve(doc["x25519_key_file"])
+
     profiles_dir = resolve(doc["profiles_dir"])
     try:
         profiles_mod.load_profile(doc["profile"], profiles_dir or None)
@@ -230,10 +275,13 @@ def parse_config(text: str, source: str) -> AgentConfig:
         telemetry_interval_s=float(doc["telemetry_interval_s"]),
         spool_max_rows=doc["spool_max_rows"],
         api=ApiConfig(unix_socket=unix_socket, tcp_host=api["tcp_host"], tcp_port=api["tcp_port"],
-                      workers=api["workers"]),
+                      workers=api["workers"], socket_group=api["socket_group"],
+                      tokens_file=resolve(api["tokens_file"]), feedback_window=api["feedback_window"],
+                      drift_window=api["drift_window"]),
         health=HealthConfig(window_s=float(doc["health"]["window_s"]), min_requests=doc["health"]["min_requests"],
                             max_error_rate=float(doc["health"]["max_error_rate"]),
                             max_p95_latency_ms=float(doc["health"]["max_p95_latency_ms"])),
+        x25519_key_file=x25519_key_file,
     )
 
 
@@ -243,7 +291,8 @@ def default_device_id() -> str:
     return name[:128]
 
 
-def default_config_text(device_id: str | None = None, profile: str = "x86-cpu") -> str:
+def default_config_text(device_id: str | None = None, profile: str = "x86-cpu",
+                        x25519_key_file: str = "", unix_socket: str = "", socket_group: str = "") -> str:
     """A commented agent.toml with every key at its default; it parses as it is."""
     return f'''\
 # litefleet agent configuration. Unknown keys are errors; relative paths are relative to this file.
@@ -259,6 +308,9 @@ profile = "{profile}"
 profiles_dir = ""
 # Public keys (release*.pub, operator*.pub, root*.pub) that bundles and commands must be signed by.
 trusted_keys_dir = "/etc/litefleet/trusted-keys"
+# This device's X25519 private key: opens bundles encrypted for it (its public key goes out in the
+# birth message). Empty: only unencrypted bundles. Under systemd the unit hands it over by LoadCredential=.
+x25519_key_file = "{x25519_key_file}"
 # Installed models, install journal, telemetry spool.
 state_dir = "/var/lib/litefleet"
 telemetry_interval_s = 30.0
@@ -277,11 +329,20 @@ key_file = ""
 keepalive_s = 30
 
 [api]
-# Local inference API. Empty unix_socket = <state_dir>/api.sock; tcp_port = 0 turns TCP off.
-unix_socket = ""
+# Local inference API. Empty unix_socket = <state_dir>/api.sock. The socket is mode 0660: the
+# agent's group, or socket_group's members (e.g. "litefleet-api", made by `litefleet-agent
+# install`), may connect. An application joins that group: usermod -aG litefleet-api APP_USER.
+unix_socket = "{unix_socket}"
+socket_group = "{socket_group}"
+# TCP listener: 0 = off. When on, every request needs "Authorization: Bearer TOKEN" with a token
+# from tokens_file (NAME TOKEN [MODELS] per line, mode 0600).
 tcp_host = "127.0.0.1"
-tcp_port = 8500
+tcp_port = 0
+tokens_file = "/etc/litefleet/api-tokens"
 workers = 2
+# Predictions remembered for field labels (POST :feedback); inferences in the drift window.
+feedback_window = 10000
+drift_window = 1000
 
 [health]
 # After a new model is activated, watch it for window_s seconds and roll back on a breach.

@@ -23,16 +23,18 @@ from typing import Any, Protocol
 
 from agent import __version__, inbox
 from agent import events as ev
+from agent.access import load_tokens
 from agent.api import InferenceServer
 from agent.config import AgentConfig
 from agent.engine import LoadedModel, load_model, smoke_test
 from agent.errors import AgentError, ConfigError
 from agent.events import Event
+from agent.feedback import FEEDBACK_FILE, FeedbackBook
 from agent.health import BREACH, HEALTHY, HealthWatch
 from agent.installer import Installer, InstallResult
 from agent.metrics import InferenceMetrics
 from agent.model_slot import ModelSlot
-from agent.notify import Notifier
+from agent.notify import Notifier, systemd_credential
 from agent.protocol import keys
 from agent.protocol.errors import KeyFileError, LitefleetError
 from agent.spool import Spool
@@ -44,6 +46,7 @@ log = logging.getLogger("litefleet.agent")
 STATUS_FILE = "status.json"
 SPOOL_FILE = "spool.sqlite"
 RECENT_EVENTS = 20
+TOKENS_CREDENTIAL = "api-tokens"   # the name the unit's LoadCredential= gives api.tokens_file
 
 
 class Transport(Protocol):
@@ -75,6 +78,7 @@ class AgentDaemon:
         self.config = config
         self.profile = config.load_profile()
         self.trusted = load_trusted(config)
+        self.x25519_key = config.load_x25519_key()   # opens bundles encrypted for this device
         self.store = ModelStore(config.state_dir)
         self.spool = Spool(config.state_dir / SPOOL_FILE, config.spool_max_rows)
         self.metrics = InferenceMetrics()
@@ -92,11 +96,17 @@ class AgentDaemon:
         self._command_id = ""
         self._last_p95: float | None = None
         self.installer = Installer(self.store, self.trusted, self.profile, events=self.emit,
-                                   on_activate=self._activated, workers=config.api.workers)
+                                   on_activate=self._activated, workers=config.api.workers,
+                                   decryption_key=self.x25519_key)
         api = config.api
+        # TCP is off unless configured, and then needs bearer tokens (systemd's credential copy first)
+        tokens = (load_tokens(api.tokens_file, systemd_credential(TOKENS_CREDENTIAL)) if api.tcp_port else None)
+        self.feedback = FeedbackBook(config.state_dir / FEEDBACK_FILE, capacity=api.feedback_window)
         self.server = InferenceServer(
             self.slot, tcp=(api.tcp_host, api.tcp_port) if api.tcp_port else None,
-            unix_socket=api.unix_socket or None, on_inference=self._on_inference)
+            unix_socket=api.unix_socket or None, on_inference=self._on_inference,
+            socket_group=api.socket_group or None, tokens=tokens, feedback=self.feedback,
+            drift_window=api.drift_window)
         if connect and config.broker.url:
             from agent.transport import MqttTransport  # paho only when the device has a broker
             self.transport = MqttTransport(self)
@@ -123,6 +133,7 @@ class AgentDaemon:
         if self.transport is not None:
             self.transport.stop()
         self.server.stop()
+        self.feedback.flush()
         self.slot.close(timeout=5)   # requests in flight finish; the model is closed once idle
         self._write_status(running=False)
         self.spool.close()
@@ -141,6 +152,7 @@ class AgentDaemon:
         """One turn of the loop; public so tests drive it with their own clock."""
         inbox.take_one(self.config.state_dir, self._install_from_inbox)
         self._check_health(time.monotonic())
+        self.feedback.flush()       # field labels reach the disk within a loop turn
         if now >= self._next_telemetry:
             self._next_telemetry = now + self._telemetry_interval_s
             self.record_telemetry(now)
@@ -166,9 +178,9 @@ class AgentDaemon:
         result = self.install_file(path)
         return {**result.to_dict(), "message": result.message}
 
-    def rollback(self, reason: str) -> InstallResult:
+    def rollback(self, reason: str, *, if_active: tuple[str, int] | None = None) -> InstallResult:
         with self._lock:
-            return self.installer.rollback(reason)
+            return self.installer.rollback(reason, if_active=if_active)
 
     def _activated(self, loaded: LoadedModel) -> None:
         """The installer made ``loaded`` active: serve it, and watch its health."""
@@ -190,7 +202,8 @@ class AgentDaemon:
         loaded = None
         try:
             verified = active.read_verified(self.trusted)
-            loaded = load_model(verified.model, verified.manifest, self.profile,
+            model = self.installer.plaintext(verified.manifest, verified.model)  # decrypted in memory only
+            loaded = load_model(model, verified.manifest, self.profile,
                                 workers=self.config.api.workers, events=self.emit)
             smoke_test(loaded)
         except (LitefleetError, OSError) as exc:
@@ -266,7 +279,9 @@ class AgentDaemon:
         model = self.slot.get()
         info = {"name": model.name, "version": model.version, "sha256": model.sha256} if model else None
         doc = collect(self.metrics, info, model.report.to_dict() if model else None,
-                      state_dir=self.config.state_dir, started_at=self.started_at, now=now)
+                      state_dir=self.config.state_dir, started_at=self.started_at, now=now,
+                      drift=self.server.api.drift_report(), feedback=self.server.api.feedback_report(),
+                      api=self.server.access.snapshot_and_reset())
         doc["spool"] = {"pending": self.spool.pending(), "dropped": self.spool.dropped()}
         p95 = (doc.get("inference") or {}).get("latency_ms", {}).get("p95")
         if p95 is not None and self._health is None:
@@ -279,6 +294,10 @@ class AgentDaemon:
             self.transport.wake()
         self._write_status(telemetry=doc)
         return doc
+
+    def public_keys(self) -> dict[str, str]:
+        """What the birth message reports: the X25519 key bundles may be encrypted for (base64, raw)."""
+        return {"x25519": keys.x25519_b64(self.x25519_key.public_key())} if self.x25519_key else {}
 
     def api_addresses(self) -> dict[str, Any]:
         tcp = self.server.tcp_address
@@ -299,7 +318,11 @@ class AgentDaemon:
             "started_at": self.started_at, "updated_at": time.time(), "summary": self.summary(),
             "model": ({"name": model.name, "version": model.version, "sha256": model.sha256} if model else None),
             "engine": model.report.to_dict() if model else None,
-            "store": self.store.status(), "api": self.api_addresses(), "health": self._health_state,
+            "store": self.store.status(), "health": self._health_state,
+            "api": {**self.api_addresses(), "socket_group": self.config.api.socket_group or None,
+                    "refused": self.server.access.totals()},
+            "public_keys": self.public_keys() | (
+                {"x25519_key_id": keys.x25519_key_id(self.x25519_key.public_key())} if self.x25519_key else {}),
             "spool": {"pending": self.spool.pending(), "dropped": self.spool.dropped()},
             "telemetry": telemetry, "recent_events": list(self.recent),
         }

@@ -3,8 +3,9 @@
 Order matters, cheapest and most telling refusal first, nothing written until everything that
 can be checked without writing has passed:
 
-    signature -> profile -> agent version -> newer than active -> free disk and memory
-    -> model hashes -> stage -> load (delegate chain) -> smoke test -> activate -> on_activate
+    signature -> profile -> agent version -> newer than active -> recipient (encrypted bundles)
+    -> free disk and memory -> model hashes -> stage -> load (decrypt in memory, delegate chain)
+    -> smoke test -> activate -> on_activate
 
 Every outcome is an :class:`~agent.events.Event` whose reason a person can act on, and a stable
 code (``InstallResult.code``, ``InstallError.code``). Any failure leaves the previously active
@@ -19,7 +20,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -28,11 +29,15 @@ from agent import events as ev
 from agent.errors import InstallError
 from agent.events import Event, EventSink, discard
 from agent.protocol import bundle as bundle_mod
+from agent.protocol import encryption
 from agent.protocol.errors import BundleError, SignatureError, TamperedError, TruncatedBundleError
 from agent.protocol.keys import PublicKey
 from agent.protocol.manifest import Manifest, check_model
 from agent.protocol.profiles import Profile
 from agent.store import InstalledModel, ModelStore, StoreCorruptError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 # Free disk wanted beyond twice the model (staging plus the slot while the old ones still exist).
 DEFAULT_DISK_MARGIN_BYTES = 16 * 1024 * 1024
@@ -42,7 +47,7 @@ SmokeTest = Callable[[Any], float]  # agent.engine.smoke_test's signature
 
 # Refusals found before anything is written (DEPLOY_REJECTED) versus failures while installing.
 _REJECT_CODES = frozenset({"bad_bundle", "bad_signature", "tampered", "wrong_profile", "agent_too_old",
-                           "not_newer", "too_large", "no_space", "no_memory", "busy"})
+                           "not_newer", "not_recipient", "too_large", "no_space", "no_memory", "busy"})
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class Installer:
                  loader: Loader | None = None, smoke: SmokeTest | None = None,
                  events: EventSink = discard, on_activate: Callable[[Any], None] | None = None,
                  workers: int = 1, disk_margin_bytes: int = DEFAULT_DISK_MARGIN_BYTES,
-                 agent_version: str | None = None) -> None:
+                 agent_version: str | None = None, decryption_key: X25519PrivateKey | None = None) -> None:
         self.store = store
         self.trusted = list(trusted)
         self.profile = profile
@@ -88,6 +93,7 @@ class Installer:
         self.workers = workers
         self.disk_margin_bytes = disk_margin_bytes
         self.agent_version = agent_version or agent.__version__
+        self.decryption_key = decryption_key  # the device's X25519 key: opens bundles encrypted for it
 
     # entry points ------------------------------------------------------------------------
 
@@ -156,7 +162,33 @@ class Installer:
             raise InstallError("not_newer", f"{manifest.name} v{manifest.version} is not newer than the active "
                                             f"{active.manifest.name} v{active.manifest.version}{same}; "
                                             f"to go back use a rollback, or release a higher version")
+        if encryption.is_encrypted(manifest):
+            self._content_key(manifest)  # a device that may not open it says so before fetching a chunk
         return manifest
+
+    def _content_key(self, manifest: Manifest) -> bytes:
+        if self.decryption_key is None:
+            raise InstallError("not_recipient", f"{manifest.name} v{manifest.version} is encrypted and this device "
+                                                f"has no X25519 key (x25519_key_file in agent.toml); "
+                                                f"`litefleet-agent install` makes one")
+        try:
+            return encryption.unwrap(manifest, self.decryption_key)
+        except encryption.NotRecipientError as exc:
+            raise InstallError("not_recipient", f"this device is not a recipient: {exc}; re-wrap the bundle for "
+                                                f"this device's key (`litefleet fleet keys`, then `litefleet "
+                                                f"bundle rewrap`)") from None
+        except BundleError as exc:
+            raise InstallError("bad_bundle", str(exc)) from None
+
+    def plaintext(self, manifest: Manifest, model: bytes) -> bytes:
+        """The model to hand to the interpreter: decrypted in memory when the bundle is encrypted
+        (``model`` must already match the signed ciphertext hashes)."""
+        if not encryption.is_encrypted(manifest):
+            return model
+        try:
+            return encryption.decrypt_with(manifest, model, self._content_key(manifest))
+        except encryption.DecryptionError as exc:
+            raise InstallError("decrypt_failed", str(exc)) from None
 
     def precheck(self, manifest: Manifest) -> None:
         """Refuse before anything is downloaded or staged when the device cannot hold the model."""
@@ -220,9 +252,22 @@ class Installer:
         return InstallResult(True, "installed", message, manifest,
                              None if self.on_activate else loaded, details)
 
-    def rollback(self, reason: str) -> InstallResult:
-        """Make the previous model active again (re-verified, loaded and smoke-tested first)."""
+    def rollback(self, reason: str, *, if_active: tuple[str, int] | None = None) -> InstallResult:
+        """Make the previous model active again (re-verified, loaded and smoke-tested first).
+
+        ``if_active`` (model name, version): roll back only from that model. A rollout that
+        lost sight of a device asks this way, so a device that already went back on its own
+        is not sent one step further back.
+        """
         active = self._active()
+        if if_active is not None and (active is None or
+                                      (active.manifest.name, active.manifest.version) != tuple(if_active)):
+            running = f"{active.manifest.name} v{active.manifest.version}" if active else "no model"
+            message = (f"rollback not needed ({reason}): the active model is {running}, "
+                       f"not {if_active[0]} v{if_active[1]}")
+            self.events(Event(ev.ROLLBACK_SKIPPED, message, {"code": "not_active", "operation": "rollback"}))
+            return InstallResult(True, "not_active", message, active.manifest if active else None, None,
+                                 {"operation": "rollback"})
         try:
             txn = self.store.begin_rollback()
         except InstallError as exc:
@@ -270,6 +315,7 @@ class Installer:
         if hashlib.sha256(model).hexdigest() != installed.manifest.sha256:
             raise InstallError("tampered", f"{installed.model_path} does not match its manifest after writing; "
                                            f"the disk may be failing")
+        model = self.plaintext(installed.manifest, model)
         loader = self._loader
         if loader is None:
             from agent.engine import load_model

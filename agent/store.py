@@ -18,6 +18,10 @@ model active and loadable. The journal tells recovery (run on every open) what w
 recovery removes half-written staging and slots no pointer refers to, and marks the journal done.
 
 Only the active and the previous model are kept; older slots are garbage-collected.
+
+An encrypted model is stored as it was sent, as ``model.tflite.enc`` (the manifest's
+``model.filename``): the slot holds only ciphertext, and the installer decrypts it in memory at
+every load (install, restart, rollback).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 from agent.errors import AgentError, InstallError
 from agent.protocol.bundle import MANIFEST_NAME, SIGNATURE_NAME, VerifiedBundle, verify_manifest
 from agent.protocol.keys import PublicKey, atomic_write
-from agent.protocol.manifest import MODEL_FILENAME, Manifest, check_model
+from agent.protocol.manifest import Manifest, check_model
 
 # The steps an install records in the journal, in order. A rollback skips "staged".
 STEPS = ("begin", "staged", "loaded", "smoke_ok", "activated", "done")
@@ -184,7 +188,7 @@ class ModelStore:
             raise
         except Exception as exc:  # BundleError from a damaged manifest
             raise StoreCorruptError(f"{directory}: stored manifest is damaged ({exc})") from None
-        return InstalledModel(manifest=manifest, model_path=directory / MODEL_FILENAME, slot=slot)
+        return InstalledModel(manifest=manifest, model_path=directory / manifest.model["filename"], slot=slot)
 
     def _slot_ok(self, slot: str | None) -> bool:
         if not slot:
@@ -384,7 +388,7 @@ class Transaction:
             staging = store.staging_dir / self.target
             _remove(staging)
             staging.mkdir()
-            _write_synced(staging / MODEL_FILENAME, model)
+            _write_synced(staging / self.manifest.model["filename"], model)
             crash_point("staging")
             _write_synced(staging / MANIFEST_NAME, self.manifest_bytes)
             _write_synced(staging / SIGNATURE_NAME, self.signature_bytes)

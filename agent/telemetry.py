@@ -91,12 +91,17 @@ def system_metrics(state_dir: Path) -> dict[str, Any]:
 
 
 def collect(metrics: InferenceMetrics, model_info: Mapping[str, Any] | None, engine: Mapping[str, Any] | None,
-            *, state_dir: str | Path, started_at: float, now: float | None = None) -> dict[str, Any]:
+            *, state_dir: str | Path, started_at: float, now: float | None = None,
+            drift: Mapping[str, Any] | None = None, feedback: Mapping[str, Any] | None = None,
+            api: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The telemetry document for the interval that ends now; resets the interval's metrics.
 
     ``model_info``: the active model's ``name``, ``version``, ``sha256`` (empty or None: no
     model). ``engine``: ``EngineReport.to_dict()`` (its ``runtime``, ``runtime_version``,
     ``delegate`` are reported). ``started_at``: ``time.time()`` when the agent started.
+    ``drift`` (``DriftMonitor.report()``) and ``feedback`` (``FeedbackBook.report()``) are
+    included when there is something to report; ``api`` (refused requests of the interval:
+    ``unauthorized``, ``forbidden``) always when given.
     """
     now = time.time() if now is None else now
     inference = metrics.snapshot_and_reset()
@@ -108,7 +113,7 @@ def collect(metrics: InferenceMetrics, model_info: Mapping[str, Any] | None, eng
     if engine:
         engine_doc = {"runtime": engine.get("runtime"), "runtime_version": engine.get("runtime_version"),
                       "delegate": engine.get("delegate")}
-    return {
+    doc: dict[str, Any] = {
         "schema": TELEMETRY_SCHEMA,
         "type": "telemetry",
         "time": round(now, 3),
@@ -118,3 +123,10 @@ def collect(metrics: InferenceMetrics, model_info: Mapping[str, Any] | None, eng
         "inference": inference,
         "system": system_metrics(Path(state_dir)),
     }
+    if drift:
+        doc["drift"] = dict(drift)
+    if feedback:
+        doc["feedback"] = dict(feedback)
+    if api is not None:
+        doc["api"] = {"unauthorized": int(api.get("unauthorized", 0)), "forbidden": int(api.get("forbidden", 0))}
+    return doc

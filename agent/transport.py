@@ -136,6 +136,7 @@ class MqttTransport:
                              if model else None),
             "hardware": {"machine": platform.machine(), "cores": os.cpu_count() or 0,
                          "system": platform.system(), "release": platform.release()},
+            "public_keys": daemon.public_keys(),   # encrypted bundles are sealed for these
         }
 
     def _on_connect(self, info: Any) -> None:
@@ -231,11 +232,21 @@ class MqttTransport:
             if checked.action == "deploy":
                 self._run_deploy(checked)
             elif checked.action == "rollback":
-                self.daemon.rollback(str(checked.args.get("reason", "operator requested a rollback")))
+                self._run_rollback(checked)
             elif checked.action == "config":
                 self._configure(checked)
         self._publish_birth()
         self.wake()
+
+    def _run_rollback(self, command: CheckedCommand) -> None:
+        reason = str(command.args.get("reason", "operator requested a rollback"))
+        try:
+            condition = _if_active(command.args.get("if_active"))
+        except ValueError as exc:
+            self.daemon.emit(Event(ev.DEPLOY_REJECTED, f"command rejected (bad_args): {exc}",
+                                   {"code": "bad_args", "command_id": command.id}))
+            return
+        self.daemon.rollback(reason, if_active=condition)
 
     def _run_deploy(self, command: CheckedCommand, resumed: bool = False) -> None:
         """Run a deploy, remembering it on disk until it ends so that a restart resumes it."""
@@ -314,3 +325,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def _if_active(value: Any) -> tuple[str, int] | None:
+    """A rollback's optional ``if_active: {"name", "version"}``, read strictly: treating a malformed
+    condition as "no condition" could roll a device back from a model it should keep."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) \
+            or not isinstance(value.get("version"), int) or isinstance(value.get("version"), bool):
+        raise ValueError(f"rollback if_active must be {{\"name\": str, \"version\": int}}, got {value!r}")
+    return value["name"], value["version"]

@@ -6,7 +6,9 @@ Three comparisons, each against the raw figure measured in the same run:
    in, quantized by the agent; output dequantized) vs a raw set_tensor/invoke/get_tensor loop
    on the very interpreter the agent loaded (same runtime, same 2 threads). The three are run
    in alternating rounds, rotating the order, so drift in the machine hits all of them.
-   Target: at most 5% overhead.
+   Target: at most 5% overhead. Beside them, what the inference API adds after the model ran:
+   ``predict`` + the drift statistics (``agent.drift.DriftMonitor.observe`` against a data
+   profile of the model) + remembering the prediction for field labels, and ``observe`` alone.
 2. Over HTTP: ``agent.api.InferenceServer`` round trips (JSON and binary .npy bodies) on one
    keep-alive ``http.client`` connection, over TCP and over the Unix socket.
 3. Runtime choice: ``agent.runtime.select_runtime()`` picks ai-edge-litert in this environment;
@@ -22,6 +24,7 @@ import io
 import json
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,9 @@ from bench.common import (FULL, SMALL, THREADS, Report, Tflite214Rounds, fmt_rat
                           summary, time_calls)
 
 MAX_OVERHEAD = 0.05
+MAX_DRIFT_OVERHEAD = MAX_OVERHEAD   # the drift statistics per inference, against a raw invoke
 MODEL_NAME = "mobilenet"
+TOKEN = "bench-token-0123456789abcdef"
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -85,6 +90,8 @@ def alternate(contestants: dict[str, Callable[[], Any]], rounds: int, per_round:
 def http_caller(conn: http.client.HTTPConnection, body: bytes, content_type: str, accept: str) -> Callable[[], bytes]:
     path = f"/v1/models/{MODEL_NAME}:predict"
     headers = {"Content-Type": content_type, "Accept": accept, "Content-Length": str(len(body))}
+    if not isinstance(conn, UnixHTTPConnection):
+        headers["Authorization"] = f"Bearer {TOKEN}"    # the TCP listener needs a bearer token
 
     def call() -> bytes:
         conn.request("POST", path, body=body, headers=headers)
@@ -132,13 +139,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the agent answers what the raw loop answers
     np.testing.assert_array_equal(loaded.predict_raw([x_int8])[0], raw())
 
+    # what the inference API does after the model ran: drift statistics and the prediction's id
+    from agent.drift import DriftMonitor
+    from agent.feedback import FeedbackBook
+    from converter import datastats as host
+    log("data profile of the model on 16 random frames (what `litefleet convert` records)")
+    profile = host.profile(model, rng.uniform(-1, 1, size=(16, *in_spec.shape[1:])).astype(np.float32))
+    monitor = DriftMonitor(profile, [in_spec.shape], [out_spec.shape], window=1000)
+    book = FeedbackBook()
+    classes = out_spec.shape[-1]
+    def predict_drift() -> Any:
+        outputs = loaded.predict([x_float])
+        monitor.observe([x_float], outputs)
+        return book.remember(MODEL_NAME, 1, classes, outputs[0].reshape(-1, classes).argmax(axis=1).tolist())
+
+    def observe_after_predict(n: int) -> list[float]:
+        """observe() timed on its own, right after each inference (the frame no longer in the cache)."""
+        samples = []
+        for _ in range(n):
+            outputs = loaded.predict([x_float])
+            started = time.perf_counter()
+            monitor.observe([x_float], outputs)
+            samples.append((time.perf_counter() - started) * 1000.0)
+        return samples
+
     log(f"in-process: {rounds} rounds x {per_round} calls each, alternating")
     inproc = alternate({"raw": raw, "predict_raw": lambda: loaded.predict_raw([x_int8]),
-                        "raw_real": raw_real, "predict": lambda: loaded.predict([x_float])}, rounds, per_round)
+                        "raw_real": raw_real, "predict": lambda: loaded.predict([x_float]),
+                        "predict_drift": predict_drift}, rounds, per_round)
+    observe_ms = summary(observe_after_predict(rounds * per_round))
+    assert monitor.report() is not None
     stats = {name: summary(s) for name, s in inproc.items()}
     raw_ms = stats["raw"]["median_ms"]
 
     # HTTP round trips, interleaved with raw rounds too
+    from agent.access import TokenSet
     from agent.api import InferenceServer, encode_npy
     from agent.model_slot import ModelSlot
     json_body = json.dumps({"instances": x_float.tolist()}).encode()
@@ -147,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     slot = ModelSlot(loaded)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         sock_path = str(Path(tmp) / "api.sock")
-        server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=sock_path)
+        server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=sock_path,
+                                 tokens=TokenSet.parse(f"bench {TOKEN}", "<bench>"))
         server.start()
         try:
             host, port = server.tcp_address
@@ -208,6 +244,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "float input, which the raw loop does not do"))
     verdicts.append(("LoadedModel.predict overhead vs raw invoke + numpy (de)quantize", r_real - 1 <= MAX_OVERHEAD,
                      f"{100 * (r_real - 1):+.1f}% (limit {100 * MAX_OVERHEAD:.0f}%)"))
+    drift_ms = stats["predict_drift"]["median_ms"]
+    r_drift, r_vs_predict = drift_ms / raw_ms, drift_ms / stats["predict"]["median_ms"]
+    report.add("LoadedModel.predict + drift statistics + prediction id", drift_ms, stats["predict_drift"]["p90_ms"],
+               raw_ms, fmt_ratio(r_drift), f"{100 * (r_drift - 1):+.1f}% ({100 * (r_vs_predict - 1):+.1f}% vs predict)")
+    obs = observe_ms["median_ms"]
+    report.add("drift statistics alone (DriftMonitor.observe after predict)", obs, observe_ms["p90_ms"], raw_ms,
+               fmt_ratio(obs / raw_ms), f"{1000 * obs:.0f} us = {100 * obs / raw_ms:.2f}% of a raw invoke")
+    verdicts.append(("drift statistics per inference vs raw invoke", obs / raw_ms <= MAX_DRIFT_OVERHEAD,
+                     f"{1000 * obs:.0f} us, {100 * obs / raw_ms:.2f}% of the raw invoke (limit "
+                     f"{100 * MAX_DRIFT_OVERHEAD:.0f}%)"))
     for name, s in http_stats.items():
         r = s["median_ms"] / http_raw_ms
         report.add(name, s["median_ms"], s["p90_ms"], http_raw_ms, fmt_ratio(r),
@@ -229,11 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "set_tensor/invoke/get_tensor on the interpreter inside the agent's pool")
     report.notes.append("predict takes float32 and quantizes it, returns dequantized float32; predict_raw is int8 in/out; "
                         "'raw + numpy (de)quantize' does the same conversions in float32 numpy around the raw loop")
+    report.notes.append(f"drift statistics: DriftMonitor over a window of 1000 inferences, {in_spec.shape[-1]} input "
+                        f"channels of {int(np.prod(in_spec.shape[1:-1]))} values each read at "
+                        f"{monitor._inputs[0].positions or 'all'} positions, "
+                        f"{classes} output classes; 'alone' is observe() timed on its own right after each of "
+                        f"{rounds * per_round} predicts; the prediction id is FeedbackBook.remember (uuid4 + argmax)")
     report.notes.append(f"HTTP: one keep-alive http.client connection per transport, request bodies encoded "
                         f"once beforehand ({len(json_body) / 1e6:.2f} MB JSON, {len(npy_body) / 1e6:.2f} MB .npy "
                         f"float32), response read but not decoded; raw median in the same rounds "
                         f"{http_raw_ms:.2f} ms; overhead column = ms added to the raw invoke")
-    report.data.update(inproc=stats, http=http_stats, http_raw_ms=http_raw_ms, tflite214=old,
+    report.data.update(inproc=stats, http=http_stats, http_raw_ms=http_raw_ms, tflite214=old, drift_observe=observe_ms,
                        runtime={"name": runtime.name, "version": runtime.version}, pick=pick,
                        engine=loaded.report.to_dict())
     report.print(args.json)

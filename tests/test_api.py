@@ -10,26 +10,31 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from agent.access import TokenSet
 from agent.api import InferenceApi, InferenceServer, Request
 from agent.commands.predict import UnixHTTPConnection
 from agent.model_slot import ModelSlot
 
 N_IMAGES = 24
+TOKEN = "test-token-0123456789abcdef"
+TOKENS = TokenSet.parse(f"tests {TOKEN}\n", "<tests>")   # the TCP listener needs bearer tokens
 
 
 # ------------------------------------------------------------------------------ helpers
 
-def load(model_bytes: bytes, version: int, mode: str, workers: int = 2):
-    """A real LoadedModel of ``model_bytes`` as the engine loads it on an x86-cpu device."""
+def load(model_bytes: bytes, version: int, mode: str, workers: int = 2, **manifest: Any):
+    """A real LoadedModel of ``model_bytes`` as the engine loads it on an x86-cpu device;
+    ``manifest``: more manifest fields (a ``data_profile``)."""
     from agent.engine import load_model
     from agent.protocol.manifest import Manifest
     from agent.protocol.profiles import load_profile
     from tests.support.bundles import manifest_for
-    manifest = Manifest.from_dict(manifest_for(model_bytes, version=version, mode=mode))
+    manifest = Manifest.from_dict(manifest_for(model_bytes, version=version, mode=mode, **manifest))
     return load_model(model_bytes, manifest, load_profile("x86-cpu"), workers=workers)
 
 
@@ -69,15 +74,16 @@ def npz_bytes() -> bytes:
 
 
 class Client:
-    """One keep-alive connection (TCP or Unix socket)."""
+    """One keep-alive connection (TCP with the test token, or Unix socket)."""
 
-    def __init__(self, port: int | None = None, unix: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, unix: Path | None = None, token: str | None = TOKEN) -> None:
         self.conn = (UnixHTTPConnection(str(unix), timeout=30) if unix is not None
                      else http.client.HTTPConnection("127.0.0.1", port, timeout=30))
+        self.auth = {"Authorization": f"Bearer {token}"} if token and unix is None else {}
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        self.conn.request(method, path, body=body, headers=headers or {})
+        self.conn.request(method, path, body=body, headers={**self.auth, **(headers or {})})
         response = self.conn.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
@@ -137,7 +143,7 @@ def served(digits_tflite_int8, tmp_path_factory):
 
     slot = ModelSlot(load(digits_tflite_int8, 3, "int8"))
     sock_path = tmp_path_factory.mktemp("api") / "api.sock"
-    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=sock_path,
+    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=sock_path, tokens=TOKENS,
                              on_inference=on_inference, on_accept=on_accept)
     port = server.start()
     yield {"server": server, "port": port, "unix": sock_path, "calls": calls, "nodelay": nodelay, "slot": slot}
@@ -331,7 +337,7 @@ def test_keep_alive_survives_a_4xx(client):
 @pytest.fixture
 def small_server(digits_tflite_int8):
     slot = ModelSlot(load(digits_tflite_int8, 3, "int8", workers=1))
-    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=None, max_body_bytes=4096)
+    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=None, max_body_bytes=4096, tokens=TOKENS)
     port = server.start()
     yield port
     server.stop()
@@ -371,7 +377,8 @@ def test_chunked_body_within_limit_is_served(small_server, images, expected_int8
     body = npy_bytes(images[0][:1])
     with socket.create_connection(("127.0.0.1", small_server), timeout=10) as s:
         s.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
-                  b"Accept: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"Accept: application/json\r\nTransfer-Encoding: chunked\r\n"
+                  + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
                   + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
         response = http.client.HTTPResponse(s)
         response.begin()
@@ -497,7 +504,7 @@ def test_swapping_models_under_load_never_fails_a_request(digits_tflite_int8, di
     first = load(digits_tflite_float, 1, "float32")
     closed = spy_close(first)
     slot = ModelSlot(first)
-    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=tmp_path / "api.sock")
+    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=tmp_path / "api.sock", tokens=TOKENS)
     port = server.start()
     stop = threading.Event()
     errors: list[str] = []
@@ -567,7 +574,7 @@ def test_swapping_models_under_load_never_fails_a_request(digits_tflite_int8, di
 
 def test_stop_closes_idle_keep_alive_connections(digits_tflite_int8):
     slot = ModelSlot(load(digits_tflite_int8, 3, "int8", workers=1))
-    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=None)
+    server = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=None, tokens=TOKENS)
     port = server.start()
     c = Client(port)
     assert c.json("GET", "/v1/models/digits")[0] == 200

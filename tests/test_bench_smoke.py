@@ -23,6 +23,7 @@ EXPECTED = {
     "runtime_mobilenet": ["litert median ms", "2.14 median ms", "ratio 2.14/litert", "2.14 loads it"],
     "agent_inference": ["median ms", "raw median ms", "ratio vs raw", "overhead"],
     "agent_idle": ["CPU % of a core", "RSS MB (median)", "RSS vs raw", "CPU vs raw (points)"],
+    "decrypt_load": ["raw load ms", "encrypted load ms", "ratio vs raw"],
 }
 
 

@@ -69,7 +69,7 @@ max_p95_latency_ms = 40
 def test_minimal_config_gets_documented_defaults(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.fleet == "default" and cfg.groups == () and cfg.labels == {}
-    assert cfg.api.tcp_host == "127.0.0.1" and cfg.api.tcp_port == 8500
+    assert cfg.api.tcp_host == "127.0.0.1" and cfg.api.tcp_port == 0      # TCP off unless configured
     assert cfg.broker.url == ""
     assert cfg.health.window_s == 300.0 and cfg.health.max_p95_latency_ms == 0.0
 

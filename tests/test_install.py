@@ -31,6 +31,11 @@ def unit_values(text: str, key: str) -> list[str]:
     return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
 
 
+def credentials(text: str) -> dict[str, str]:
+    """The unit's LoadCredential= lines as {credential name: path}."""
+    return dict(value.split(":", 1) for value in unit_values(text, "LoadCredential"))
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -59,7 +64,7 @@ def test_install_writes_unit_config_and_directories(tmp_path):
     assert (root / "etc/litefleet/tls").is_dir()
 
     # no broker and no key yet: the credential is left out, and the user is told why
-    assert unit_values(unit, "LoadCredential") == []
+    assert "device.key" not in credentials(unit)
     assert "#LoadCredential=device.key:/etc/litefleet/tls/device.key" in unit
     assert "no broker configured" in proc.stderr
     # not run as root on the live system: the useradd command is printed, not run
@@ -82,7 +87,7 @@ def test_existing_config_is_not_overwritten(tmp_path):
     assert (root / "srv/lf").is_dir()
     assert unit_values(unit, "ReadWritePaths") == ["/srv/lf"]
     # a broker is configured but the key is missing: credential kept, loud warning
-    assert unit_values(unit, "LoadCredential") == ["device.key:/etc/litefleet/tls/device.key"]
+    assert credentials(unit)["device.key"] == "/etc/litefleet/tls/device.key"
     assert "243/CREDENTIALS" in proc.stderr
 
 
@@ -95,7 +100,7 @@ def test_provisioned_key_is_passed_as_a_credential(tmp_path):
     proc = run_cli("agent", "install", "--root", str(root))
     assert proc.returncode == 0, proc.stderr
     unit = (root / UNIT).read_text()
-    assert unit_values(unit, "LoadCredential") == ["device.key:/etc/litefleet/tls/device.key"]
+    assert credentials(unit)["device.key"] == "/etc/litefleet/tls/device.key"
     assert "useradd" not in proc.stdout            # the user exists in this root
     assert mode(key) == 0o600                      # untouched
 
@@ -133,7 +138,7 @@ def test_other_user_and_explicit_executable(tmp_path):
     unit = (root / UNIT).read_text()
     assert unit_values(unit, "User") == ["edge"] and unit_values(unit, "Group") == ["edge"]
     assert unit_values(unit, "ExecStart") == [f"{exe} run --config /etc/litefleet/agent.toml"]
-    assert unit_values(unit, "LoadCredential") == []
+    assert "device.key" not in credentials(unit)
     assert "useradd" in proc.stdout and proc.stdout.rstrip().count("edge") >= 1
 
 
@@ -166,3 +171,33 @@ def test_unusable_root_fails_with_a_clear_message(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert f"mkdir {root}/var/lib/litefleet" in proc.stderr
+
+
+def test_install_writes_api_tokens_and_gives_the_socket_to_a_group(tmp_path):
+    """The inference API: socket in /run/litefleet for group litefleet-api, a 0600 tokens file for TCP."""
+    from agent.access import TokenSet
+    root = make_root(tmp_path, groups=("plugdev", "litefleet-api"))
+    proc = run_cli("agent", "install", "--root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    config = parse_config((root / CONFIG).read_text(), "/etc/litefleet/agent.toml")
+    assert config.api.tcp_port == 0                                    # TCP off unless configured
+    assert config.api.socket_group == "litefleet-api"
+    assert config.api.unix_socket == "/run/litefleet/api.sock"
+    tokens = root / "etc/litefleet/api-tokens"
+    assert mode(tokens) == 0o600 and len(TokenSet.load(tokens)) == 1  # one fresh token, every model
+    unit = (root / UNIT).read_text()
+    assert credentials(unit)["api-tokens"] == "/etc/litefleet/api-tokens"
+    assert unit_values(unit, "SupplementaryGroups") == ["plugdev litefleet-api"]
+    assert unit_values(unit, "RuntimeDirectoryMode") == ["0755"]      # apps reach the socket, not the state
+
+    # installing again keeps the tokens applications were given
+    before = tokens.read_text()
+    assert run_cli("agent", "install", "--root", str(root)).returncode == 0
+    assert tokens.read_text() == before
+
+    # a root without the group: the command to make it is printed, and the unit does not name it yet
+    other = make_root(tmp_path / "other")
+    proc = run_cli("agent", "install", "--root", str(other))
+    assert proc.returncode == 0, proc.stderr
+    assert "groupadd --system litefleet-api" in proc.stdout and "litefleet-api" in proc.stderr
+    assert "litefleet-api" not in unit_values((other / UNIT).read_text(), "SupplementaryGroups")[0]

@@ -132,6 +132,20 @@ def test_rollback_reactivates_the_previous_model(device, profile, digits_tflite_
     assert "no previous model" in log.events[-1].reason
 
 
+def test_conditional_rollback_only_leaves_the_named_model(device, profile, digits_tflite_int8, release_key):
+    installer, log, tmp_path = device
+    ok = installer.install_file(make_bundle(tmp_path / "v2.lfb", digits_tflite_int8, release_key, version=2))
+    ok.loaded.close()
+    skipped = installer.rollback("rollout r1 rolled back", if_active=("digits", 3))
+    assert skipped.ok and skipped.code == "not_active"
+    assert "the active model is digits v2, not digits v3" in log.of(ev.ROLLBACK_SKIPPED)[-1].reason
+    assert installer.store.active().manifest.version == 2 and installer.store.previous() is not None
+    done = installer.rollback("rollout r1 rolled back", if_active=("digits", 2))
+    assert done.ok and done.code == "rolled_back"
+    done.loaded.close()
+    assert installer.store.active().manifest.version == 1
+
+
 def test_rollback_refuses_a_previous_model_whose_stored_copy_was_altered(device, profile, digits_tflite_int8,
                                                                          release_key):
     installer, log, tmp_path = device

@@ -12,16 +12,19 @@ import pytest
 from agent.api import InferenceServer
 from agent.model_slot import ModelSlot
 from tests.conftest import run_cli
-from tests.test_api import load, reference_outputs
+from tests.test_api import TOKEN, TOKENS, load, reference_outputs
 
 
 @pytest.fixture(scope="module")
 def server(digits_tflite_int8, tmp_path_factory):
     slot = ModelSlot(load(digits_tflite_int8, 5, "int8"))
-    sock = tmp_path_factory.mktemp("cli") / "api.sock"
-    srv = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=sock)
+    root = tmp_path_factory.mktemp("cli")
+    sock = root / "api.sock"
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    srv = InferenceServer(slot, tcp=("127.0.0.1", 0), unix_socket=sock, tokens=TOKENS)
     port = srv.start()
-    yield {"url": f"http://127.0.0.1:{port}", "socket": sock}
+    yield {"url": f"http://127.0.0.1:{port}", "socket": sock, "token": str(token_file)}
     srv.stop()
     slot.close(timeout=5)
 
@@ -43,7 +46,7 @@ def test_predict_npy_over_tcp_prints_top5(server, sample, tmp_path):
     image, label, expected = sample
     path = tmp_path / "x.npy"
     np.save(path, image)
-    result = run_cli("agent", "predict", "--url", server["url"], "--npy", str(path))
+    result = run_cli("agent", "predict", "--url", server["url"], "--token-file", server["token"], "--npy", str(path))
     assert result.returncode == 0, result.stderr
     top = top_classes(result.stdout)
     assert len(top) == 5
@@ -60,14 +63,16 @@ def test_predict_json_over_unix_socket_without_batch_dim(server, sample):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     np.testing.assert_allclose(np.asarray(doc["outputs"], np.float32)[0], expected, atol=1e-6)
-    assert doc["model_version"] == "5" and len(doc["id"]) == 32
+    assert doc["model_version"] == "5" and len(doc["prediction_id"]) == 32
 
 
 def test_predict_reports_the_servers_error(server):
-    result = run_cli("agent", "predict", "--url", server["url"], "--data", "[[1, 2, 3]]")
+    result = run_cli("agent", "predict", "--url", server["url"], "--token-file", server["token"],
+                     "--data", "[[1, 2, 3]]")
     assert result.returncode == 2
     assert "HTTP 400" in result.stderr and "does not fit the model's [1, 8, 8, 1]" in result.stderr
-    result = run_cli("agent", "predict", "--url", server["url"], "--model", "cats", "--data", "[1]")
+    result = run_cli("agent", "predict", "--url", server["url"], "--token-file", server["token"], "--model", "cats",
+                     "--data", "[1]")
     assert result.returncode == 2 and "model 'cats' is not served here" in result.stderr
 
 
@@ -80,3 +85,7 @@ def test_predict_without_an_agent_says_so(tmp_path):
     assert "cannot reach the inference API" in result.stderr and "is the agent running" in result.stderr
     result = run_cli("agent", "predict", "--socket", str(tmp_path / "none.sock"), "--data", "[1]")
     assert result.returncode == 2 and "cannot reach the inference API" in result.stderr
+    # neither --url nor --socket: the agent's config says where it serves; without one, the error says what to pass
+    result = run_cli("agent", "predict", "--config", str(tmp_path / "none.toml"), "--data", "[1]")
+    assert result.returncode == 78
+    assert "config file not found" in result.stderr and "pass --socket PATH" in result.stderr

@@ -109,6 +109,9 @@ def test_unit_keeps_accelerators_reachable_and_restarts_sanely():
     for node in ("/dev/apex_0", "char-usb_device", "char-drm", "/dev/mali0", "/dev/nvmap", "/dev/nvhost-gpu"):
         assert node in allowed
     assert d["RestrictAddressFamilies"][0].split() == ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
-    assert d["LoadCredential"] == ["device.key:/etc/litefleet/tls/device.key"]
+    assert "device.key:/etc/litefleet/tls/device.key" in d["LoadCredential"]
+    assert "device.x25519.key:/etc/litefleet/keys/device.x25519.key" in d["LoadCredential"]
+    assert "api-tokens:/etc/litefleet/api-tokens" in d["LoadCredential"]     # the inference API's tokens
+    assert d["RuntimeDirectoryMode"] == ["0755"] and d["StateDirectoryMode"] == ["0750"]   # socket, not state
     assert d["StateDirectory"] == ["litefleet"] and d["RuntimeDirectory"] == ["litefleet"]
     assert d["User"] == ["litefleet"]

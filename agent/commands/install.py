@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "install", help="install the systemd unit, a default config and the state directories",
         description="Write /etc/systemd/system/litefleet-agent.service (ExecStart= pointing at this "
                     "litefleet-agent), /etc/litefleet/agent.toml (never overwritten), the state and "
-                    "trusted-key directories, and create the service user. --root installs into an "
+                    "trusted-key directories, the inference API's bearer tokens /etc/litefleet/api-tokens "
+                    "(0600, never overwritten), and create the service user and the API socket's group "
+                    "(litefleet-api: its members may use the inference API). --root installs into an "
                     "image or a test directory instead of /.")
     p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
                    help="install below DIR (an image root); default /")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent import inbox
 from agent.clikit import print_json
@@ -42,12 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-dir", type=Path, help="directory of trusted public keys (overrides the config)")
     p.add_argument("--profile", help="device profile name or .toml path (overrides the config)")
     p.add_argument("--profiles-dir", type=Path, help="where profiles live (overrides the config)")
+    p.add_argument("--x25519-key", type=Path, metavar="KEY",
+                   help="the device's X25519 private key, to open an encrypted bundle (overrides the config's "
+                        "x25519_key_file)")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=_install_bundle)
 
 
-def _settings(args: argparse.Namespace) -> tuple[Path, Path, profiles.Profile]:
-    """State dir, trust dir and profile from the config file and the command line."""
+def _settings(args: argparse.Namespace) -> tuple[Path, Path, profiles.Profile, Any]:
+    """State dir, trust dir, profile and the config (or None) from the config file and the command line."""
     config = None
     if args.config is not None or DEFAULT_CONFIG_PATH.exists() or not (args.state_dir and args.trust_dir
                                                                          and args.profile):
@@ -67,11 +71,21 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Path, profiles.Profile]:
             raise ConfigError(f"--profile: {exc}") from None
     else:
         profile = config.load_profile()
-    return state_dir, trust_dir, profile
+    return state_dir, trust_dir, profile, config
+
+
+def _x25519_key(args: argparse.Namespace, config: Any) -> Any:
+    """The key that opens encrypted bundles: --x25519-key, else the config's, else None."""
+    if args.x25519_key:
+        try:
+            return keys.load_x25519_private(args.x25519_key)
+        except KeyFileError as exc:
+            raise ConfigError(f"--x25519-key: {exc}") from None
+    return config.load_x25519_key() if config else None
 
 
 def _install_bundle(args: argparse.Namespace) -> int:
-    state_dir, trust_dir, profile = _settings(args)
+    state_dir, trust_dir, profile, config = _settings(args)
     if inbox.daemon_running(state_dir):
         return _through_daemon(args, state_dir)
     try:
@@ -80,7 +94,7 @@ def _install_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(f"trusted keys: {exc}") from None
     log = EventLog()
     store = ModelStore(state_dir)
-    installer = Installer(store, trusted, profile, events=log)
+    installer = Installer(store, trusted, profile, events=log, decryption_key=_x25519_key(args, config))
     result = installer.install_file(args.file)
     if result.loaded is not None:
         result.loaded.close()

@@ -2,6 +2,11 @@
 
 Standard library HTTP only (a device has no requests/httpx); a Unix socket is reached through
 a small ``http.client.HTTPConnection`` subclass.
+
+Where to ask: ``--socket`` or ``--url``, else the Unix socket the agent's config names (the TCP
+listener is off unless configured). Over TCP a bearer token is sent: from ``--token-file`` (a
+file holding the token, or the agent's tokens file), else from the config's ``api.tokens_file``
+when this user may read it (root on the device).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,8 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from agent.clikit import print_json
-from agent.errors import AgentError, InferenceError
+from agent.config import DEFAULT_CONFIG_PATH
+from agent.errors import AgentError, ConfigError, InferenceError
 
 DEFAULT_URL = "http://127.0.0.1:8500"
 TOP_K = 5
@@ -44,8 +51,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class ApiClient:
     """A tiny client of the inference API over TCP or a Unix socket."""
 
-    def __init__(self, url: str | None = None, unix_socket: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str | None = None, unix_socket: str | None = None, timeout: float = 30.0,
+                 token: str | None = None) -> None:
         self.where = unix_socket or url or DEFAULT_URL
+        self.token = token if not unix_socket else None   # the socket is authorised by its permissions
         if unix_socket:
             self._connect = lambda: UnixHTTPConnection(unix_socket, timeout)
             self._prefix = ""
@@ -60,8 +69,11 @@ class ApiClient:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         conn = self._connect()
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            conn.request(method, self._prefix + path, body=body, headers=headers or {})
+            conn.request(method, self._prefix + path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -88,8 +100,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Send an input to the running agent's inference API and print the outputs "
                     "(the top-5 classes with their scores when an output is a class vector).")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", help=f"API base URL (default {DEFAULT_URL})")
-    where.add_argument("--socket", type=Path, metavar="PATH", help="the agent's Unix socket (api.sock)")
+    where.add_argument("--url", help="API base URL over TCP, e.g. http://127.0.0.1:8500 (the agent's api.tcp_port "
+                                     "must be set; a bearer token is sent)")
+    where.add_argument("--socket", type=Path, metavar="PATH",
+                       help="the agent's Unix socket (default: api.unix_socket from --config)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                   help="the agent's config, read for the default socket and tokens file (default: %(default)s)")
+    p.add_argument("--token-file", type=Path, metavar="PATH",
+                   help="bearer token for --url: a file holding the token, or a tokens file (NAME TOKEN [MODELS] "
+                        "lines); default: the config's api.tokens_file if readable")
     p.add_argument("--model", metavar="NAME", help="model name (default: the one the agent serves)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--npy", type=Path, metavar="FILE", help="input tensor saved with numpy.save")
@@ -105,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    client = ApiClient(args.url, str(args.socket) if args.socket else None, args.timeout)
+    client = _client(args)
     name = args.model or _served_model(client)
     path = f"/v1/models/{quote(name, safe='')}"
     if args.npy is not None:
@@ -126,7 +145,8 @@ def _predict(args: argparse.Namespace) -> int:
         print_json(answer)
         return 0
     outputs = answer.get("outputs", answer.get("predictions"))
-    print(f"model {name} version {answer.get('model_version', '?')}  prediction id {answer.get('id', '?')}")
+    ident = answer.get("prediction_id", answer.get("id", "?"))
+    print(f"model {name} version {answer.get('model_version', '?')}  prediction id {ident}")
     if isinstance(outputs, dict):
         for key, value in outputs.items():
             print(f"output {key}:")
@@ -134,6 +154,62 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         _print_output(np.asarray(outputs))
     return 0
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    """Where to ask and with which token, from the options and the agent's config."""
+    if args.socket is not None:
+        return ApiClient(unix_socket=str(args.socket), timeout=args.timeout)
+    config = None
+    if args.url is None or args.token_file is None:
+        config = _api_config(args.config, needed=args.url is None)
+    if args.url is None:
+        assert config is not None
+        return ApiClient(unix_socket=config.unix_socket, timeout=args.timeout)
+    if args.token_file is not None:
+        token = read_token(args.token_file, args.model)
+    elif config is not None and config.tokens_file and os.access(config.tokens_file, os.R_OK):
+        token = read_token(Path(config.tokens_file), args.model)
+    else:
+        token = None     # the server's 401 says what is missing
+    return ApiClient(args.url, timeout=args.timeout, token=token)
+
+
+def _api_config(path: Path, needed: bool) -> Any:
+    """The config's [api] table, or None when it is not needed and cannot be read."""
+    from agent.config import load_config
+    try:
+        return load_config(path).api
+    except ConfigError as exc:
+        if not needed:
+            return None
+        raise ConfigError(f"{exc}; pass --socket PATH (or --url URL with --token-file) to say where the agent "
+                          "serves") from None
+
+
+def read_token(path: Path, model: str | None = None) -> str:
+    """The token in ``path``: a file holding just the token, or a tokens file (the first token that may
+    use ``model``, or the first one)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise AgentError(f"cannot read the token file {path}: permission denied (the agent's tokens file is "
+                         "root-only; run as root, or give this application a file with its own token)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentError(f"cannot read the token file {path}: {exc}") from None
+    lines = [line.split("#", 1)[0].split() for line in text.splitlines()]
+    lines = [fields for fields in lines if fields]
+    if not lines:
+        raise AgentError(f"the token file {path} holds no token")
+    if len(lines) == 1 and len(lines[0]) == 1:
+        return lines[0][0]
+    entries = [(f[1], None if len(f) < 3 or f[2] == "*" else f[2].split(",")) for f in lines if len(f) >= 2]
+    if not entries:
+        raise AgentError(f"{path}: expected one token, or lines of NAME TOKEN [MODELS]")
+    for token, models in entries:
+        if models is None or (model is not None and model in models):
+            return token
+    return entries[0][0]
 
 
 def _served_model(client: ApiClient) -> str:

@@ -1,6 +1,8 @@
 """The bundle file: an uncompressed tar of ``manifest.json``, ``manifest.sig`` and the model.
 
-The manifest comes first so a reader can check the signature before it reads the model.
+The model member is ``model.tflite``, or ``model.tflite.enc`` when the model is encrypted
+(:mod:`agent.protocol.encryption`); the manifest's ``model.filename`` says which. The manifest
+comes first so a reader can check the signature before it reads the model.
 Reading and verifying are split: :func:`parse_bundle` and :func:`verify` work on bytes and
 hold no I/O, :func:`read_bundle` and :func:`write_bundle` are the file edges.
 """
@@ -21,13 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import BundleError, SignatureError, TruncatedBundleError
 from .keys import PublicKey, atomic_write
-from .manifest import MODEL_FILENAME, Manifest, check_model
+from .manifest import ENCRYPTED_MODEL_FILENAME, MODEL_FILENAME, Manifest, check_model
 from .signing import canonical_json, sign
 from .signing import verify as verify_signature
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 MEMBERS = (MANIFEST_NAME, SIGNATURE_NAME, MODEL_FILENAME)
+MODEL_MEMBERS = (MODEL_FILENAME, ENCRYPTED_MODEL_FILENAME)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 BUNDLE_SUFFIX = ".lfb"
 
@@ -39,6 +42,7 @@ class Bundle:
     manifest_bytes: bytes
     signature_bytes: bytes
     model: bytes
+    model_name: str | None = None   # the tar member the model came from; None when not read from a file
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,9 @@ def build(manifest_doc: dict[str, Any], model: bytes, release_key: Ed25519Privat
     manifest_bytes = canonical_json(manifest.doc)
     signature = json.dumps(sign(manifest_bytes, release_key), sort_keys=True).encode()
     out = io.BytesIO()
+    names = (MANIFEST_NAME, SIGNATURE_NAME, manifest.model["filename"])
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in zip(MEMBERS, (manifest_bytes, signature, model)):
+        for name, data in zip(names, (manifest_bytes, signature, model)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o644
@@ -106,13 +111,15 @@ def parse_bundle(data: bytes) -> Bundle:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                if member.name not in MEMBERS:
-                    raise BundleError(f"unexpected file {member.name!r} in bundle (expected {', '.join(MEMBERS)})")
-                if member.name in parts:
-                    raise BundleError(f"bundle holds {member.name!r} twice")
+                if member.name not in MEMBERS and member.name not in MODEL_MEMBERS:
+                    raise BundleError(f"unexpected file {member.name!r} in bundle (expected {', '.join(MEMBERS)}, "
+                                      f"or {ENCRYPTED_MODEL_FILENAME} for an encrypted model)")
+                if member.name in parts or (member.name in MODEL_MEMBERS and any(m in parts for m in MODEL_MEMBERS)):
+                    raise BundleError(f"bundle holds {member.name!r} twice" if member.name in parts
+                                      else "bundle holds two models")
                 if not member.isfile():
                     raise BundleError(f"bundle member {member.name!r} is not a regular file")
-                if member.name != MODEL_FILENAME and member.size > MAX_MANIFEST_BYTES:
+                if member.name not in MODEL_MEMBERS and member.size > MAX_MANIFEST_BYTES:
                     raise BundleError(f"bundle member {member.name!r} is {member.size} bytes, over the "
                                       f"{MAX_MANIFEST_BYTES}-byte limit")
                 handle = tar.extractfile(member)
@@ -127,10 +134,11 @@ def parse_bundle(data: bytes) -> Bundle:
         raise TruncatedBundleError(f"not a bundle or truncated ({exc})") from None
     except (tarfile.TarError, EOFError) as exc:
         raise TruncatedBundleError(f"bundle is truncated ({exc})") from None
-    missing = [m for m in MEMBERS if m not in parts]
+    model_name = next((m for m in MODEL_MEMBERS if m in parts), MODEL_FILENAME)
+    missing = [m for m in (MANIFEST_NAME, SIGNATURE_NAME, model_name) if m not in parts]
     if missing:
         raise TruncatedBundleError(f"bundle is missing {', '.join(missing)} (truncated or not a litefleet bundle)")
-    return Bundle(parts[MANIFEST_NAME], parts[SIGNATURE_NAME], parts[MODEL_FILENAME])
+    return Bundle(parts[MANIFEST_NAME], parts[SIGNATURE_NAME], parts[model_name], model_name)
 
 
 def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes, trusted: Iterable[PublicKey]) -> tuple[Manifest, PublicKey]:
@@ -146,6 +154,9 @@ def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes, trusted: Iter
 def verify(bundle: Bundle, trusted: Iterable[PublicKey]) -> VerifiedBundle:
     """Signature first, then the model against the signed hashes."""
     manifest, signer = verify_manifest(bundle.manifest_bytes, bundle.signature_bytes, list(trusted))
+    if bundle.model_name is not None and bundle.model_name != manifest.model["filename"]:
+        raise BundleError(f"the model member is {bundle.model_name!r}, the signed manifest names "
+                          f"{manifest.model['filename']!r}")
     check_model(manifest, bundle.model)
     return VerifiedBundle(manifest=manifest, signer=signer, model=bundle.model)
 

@@ -16,13 +16,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import datastats
 from .errors import BundleError, SchemaError
-from .schema import Field, non_negative, positive, validate
+from .schema import Field, non_empty, non_negative, positive, validate
 
 FORMAT = "litefleet.manifest"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MODEL_FILENAME = "model.tflite"
+ENCRYPTED_MODEL_FILENAME = "model.tflite.enc"   # the bundle member and stored file of an encrypted model
+ENCRYPTION_SCHEME = "litefleet.chunked-aead.v1"  # agent/protocol/encryption.py
+ENCRYPTION_AEAD = "chacha20-poly1305"
+AEAD_TAG_BYTES = 16
 
 QUANT_MODES = ("float32", "float16", "dynamic", "int8", "int16x8")
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
@@ -37,6 +42,22 @@ def _name(value: str) -> str | None:
 
 def _sha256(value: str) -> str | None:
     return None if _SHA256.match(value) else "must be 64 lowercase hex digits"
+
+
+def _hex_bytes(n: int):
+    def check(value: str) -> str | None:
+        return None if re.fullmatch(f"[0-9a-f]{{{2 * n}}}", value) else f"must be {2 * n} lowercase hex digits"
+    return check
+
+
+def _b64_bytes(n: int):
+    def check(value: str) -> str | None:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return "must be base64"
+        return None if len(raw) == n else f"must be base64 of {n} bytes, got {len(raw)}"
+    return check
 
 
 def _shape(value: list[Any]) -> str | None:
@@ -64,6 +85,27 @@ TENSOR_DATA = {
     "data": Field(str, doc="base64 of the tensor's bytes, C order, little-endian"),
 }
 
+# An encrypted model (agent/protocol/encryption.py); the manifest's ``model`` then describes the
+# ciphertext, which is what is sent, stored and hashed chunk by chunk.
+ENCRYPTION = {
+    "scheme": Field(str, choices=(ENCRYPTION_SCHEME,)),
+    "aead": Field(str, choices=(ENCRYPTION_AEAD,)),
+    "content_id": Field(str, check=_hex_bytes(16), doc="random per encryption; bound into every chunk and key wrap"),
+    "nonce_prefix": Field(str, check=_hex_bytes(4), doc="random per encryption; a chunk's nonce is prefix + index"),
+    "plaintext": Field(dict, table={
+        "filename": Field(str, choices=(MODEL_FILENAME,)),
+        "sha256": Field(str, check=_sha256),
+        "size": Field(int, check=positive),
+        "chunk_size": Field(int, check=positive),
+    }),
+    "recipients": Field(list, check=non_empty, items=Field(dict, table={
+        "key_id": Field(str, check=_hex_bytes(8), doc="sha256 of the recipient's raw X25519 public key, 16 hex"),
+        "label": Field(str, doc="for people: a device id or key file name"),
+        "ephemeral": Field(str, check=_b64_bytes(32), doc="the sender's one-time X25519 public key"),
+        "wrapped_key": Field(str, check=_b64_bytes(32 + AEAD_TAG_BYTES), doc="the content key, AEAD-wrapped"),
+    })),
+}
+
 SCHEMA: dict[str, Field] = {
     "format": Field(str, choices=(FORMAT,)),
     "format_version": Field(int, choices=(FORMAT_VERSION,)),
@@ -74,7 +116,7 @@ SCHEMA: dict[str, Field] = {
     "min_agent_version": Field(str),
     "producer": Field(dict, open_table=True),
     "model": Field(dict, table={
-        "filename": Field(str, choices=(MODEL_FILENAME,)),
+        "filename": Field(str, choices=(MODEL_FILENAME, ENCRYPTED_MODEL_FILENAME)),
         "sha256": Field(str, check=_sha256),
         "size": Field(int, check=positive),
         "chunk_size": Field(int, check=positive),
@@ -108,6 +150,10 @@ SCHEMA: dict[str, Field] = {
                       doc="absolute tolerance in the output tensor's own units (quantized steps for integer outputs)"),
     }),
     "forced": Field(list, required=False, default=[], items=Field(str)),
+    "encryption": Field((dict, _NONE), required=False, table=ENCRYPTION,
+                        doc="absent or null: the model is in the clear"),
+    "data_profile": Field((dict, _NONE), required=False, table=datastats.SCHEMA, check=datastats.check,
+                          doc="calibration data and output statistics for drift (agent/protocol/datastats.py)"),
 }
 
 
@@ -173,6 +219,17 @@ class Manifest:
     def min_agent_version(self) -> str:
         return self.doc["min_agent_version"]
 
+    @property
+    def encryption(self) -> dict[str, Any] | None:
+        """The ``encryption`` section of an encrypted bundle, else None (the model is in the clear)."""
+        return self.doc.get("encryption")
+
+    @property
+    def data_profile(self) -> "datastats.DataProfile | None":
+        """The calibration data's statistics, or None for a bundle made without them."""
+        doc = self.doc.get("data_profile")
+        return datastats.DataProfile.from_dict(doc, "manifest data_profile") if doc is not None else None
+
     def canonical_bytes(self) -> bytes:
         from .signing import canonical_json
         return canonical_json(self.doc)
@@ -197,7 +254,26 @@ class Manifest:
         if len(model["chunks"]) != expected_chunks:
             raise BundleError(f"{source}: model.chunks lists {len(model['chunks'])} hashes, "
                               f"but {model['size']} bytes in {model['chunk_size']}-byte chunks make {expected_chunks}")
+        _check_encryption(checked, source)
         return cls(checked)
+
+
+def _check_encryption(doc: dict[str, Any], source: str) -> None:
+    """An encrypted model's sizes must add up: each plaintext chunk gains one AEAD tag."""
+    model, enc = doc["model"], doc.get("encryption")
+    if (enc is not None) != (model["filename"] == ENCRYPTED_MODEL_FILENAME):
+        raise BundleError(f"{source}: model.filename is {model['filename']!r} but the manifest "
+                          f"{'has' if enc is not None else 'has no'} encryption section")
+    if enc is None:
+        return
+    plain = enc["plaintext"]
+    if model["chunk_size"] != plain["chunk_size"] + AEAD_TAG_BYTES:
+        raise BundleError(f"{source}: model.chunk_size {model['chunk_size']} must be encryption.plaintext.chunk_size "
+                          f"{plain['chunk_size']} + {AEAD_TAG_BYTES} (one AEAD tag per chunk)")
+    count = -(-plain["size"] // plain["chunk_size"])
+    if model["size"] != plain["size"] + AEAD_TAG_BYTES * count:
+        raise BundleError(f"{source}: model.size {model['size']} must be the plaintext's {plain['size']} bytes "
+                          f"plus {AEAD_TAG_BYTES} per chunk ({count} chunks)")
 
 
 def chunk_spans(size: int, chunk_size: int) -> Iterator[tuple[int, int, int]]:
