@@ -57,7 +57,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-edgetpu-compile", action="store_true",
                    help="for Edge TPU profiles without edgetpu_compiler: ship the model uncompiled (runs on the CPU)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _add_compression(p)
+    from litefleet.protocol_commands import add_encrypt_for
+    add_encrypt_for(p)
     p.set_defaults(func=_convert)
+
+
+def _epochs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: fine-tuning needs at least 1 epoch")
+    return value
+
+
+def _add_compression(p: argparse.ArgumentParser) -> None:
+    """Pruning and --search (docs/compression.md)."""
+    g = p.add_argument_group("pruning and search (docs/compression.md)")
+    g.add_argument("--prune", metavar="SPARSITY",
+                   help="prune before quantizing: the fraction of weights to remove, between 0 and 1 (e.g. 0.5); "
+                        "magnitude pruning with a polynomial-decay schedule while fine-tuning on --finetune")
+    g.add_argument("--prune-structured", action="store_true",
+                   help="with --prune (or --search): remove whole Conv filters and Dense units by L1 norm and "
+                        "rebuild a narrower model (Keras chains only) instead of zeroing single weights")
+    g.add_argument("--finetune", type=Path, metavar="DATA",
+                   help="labelled training data (.npz with x and y, or class folders) to fine-tune the pruned "
+                        "model on; without it pruning is one-shot")
+    g.add_argument("--epochs", type=_epochs, default=2, metavar="N",
+                   help="fine-tuning epochs while pruning (default: 2)")
+    g.add_argument("--search", action="store_true",
+                   help="try every quantization mode the profile's hardware runs, each with and without pruning, "
+                        "and sign the best candidate within the profile's accuracy tolerance; prints a table of all")
+    g.add_argument("--search-goal", choices=("size", "latency"), default="size",
+                   help="with --search: pick the smallest (default) or the fastest fitting candidate")
+    g.add_argument("--search-modes", metavar="LIST",
+                   help="with --search: comma-separated modes to try (default: those the profile's hardware runs)")
+    g.add_argument("--search-prune", metavar="LIST", default="0.5,0.8",
+                   help="with --search: comma-separated sparsities to try besides no pruning (default: 0.5,0.8; "
+                        "'none' for no pruned candidates)")
+
+
+def _check_compression(args: argparse.Namespace) -> tuple[float | None, list[float], list[str] | None]:
+    """(prune, search sparsities, search modes) from the flags; ConverterError for combinations that make no sense."""
+    from .errors import ConverterError
+    from .prune import check_sparsity
+    if args.search:
+        for flag, value in (("--mode", args.mode), ("--prune", args.prune)):
+            if value is not None:
+                raise ConverterError(f"{flag} cannot be combined with --search, which tries the modes and sparsities "
+                                     "itself (narrow it with --search-modes and --search-prune)")
+        text = (args.search_prune or "").strip()
+        levels = [] if text.lower() in ("", "none") else [check_sparsity(v.strip(), "--search-prune")
+                                                          for v in text.split(",")]
+        modes = [m.strip() for m in args.search_modes.split(",") if m.strip()] if args.search_modes else None
+        return None, levels, modes
+    if args.prune is None:
+        for flag, given in (("--prune-structured", args.prune_structured), ("--finetune", args.finetune is not None)):
+            if given:
+                raise ConverterError(f"{flag} needs --prune SPARSITY (or --search)")
+        return None, [], None
+    return check_sparsity(args.prune), [], None
 
 
 class ConsoleProgress:
@@ -97,20 +158,28 @@ def _quiet_tensorflow() -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     from agent.clikit import print_json
-    from litefleet.protocol_commands import read_passphrase
+    from litefleet.protocol_commands import load_recipients, read_passphrase
 
     from .errors import ValidationFailed
     _quiet_tensorflow()
     passphrase = read_passphrase(args.passphrase_env, args.passphrase)
+    recipients = load_recipients(args.encrypt_for) if args.encrypt_for else None  # before the slow part
+    prune, levels, modes = _check_compression(args)
     from . import pipeline, report
+    from . import search as search_mod
     progress = ConsoleProgress()
+    common = dict(calibration=args.calibration, eval=args.eval, name=args.name, version=args.version,
+                  sign_key=args.sign_key, passphrase=passphrase, out_dir=args.output, force=args.force,
+                  skip_edgetpu_compile=args.skip_edgetpu_compile, progress=progress,
+                  profiles_dir=args.profiles_dir, encrypt_for=recipients, finetune=args.finetune, epochs=args.epochs)
     try:
-        result = pipeline.convert_to_bundle(
-            args.model, args.profile, calibration=args.calibration, eval=args.eval, name=args.name,
-            version=args.version, sign_key=args.sign_key, passphrase=passphrase, out_dir=args.output,
-            mode_override=args.mode, force=args.force, skip_edgetpu_compile=args.skip_edgetpu_compile,
-            progress=progress, profiles_dir=args.profiles_dir)
-    except ValidationFailed as exc:
+        if args.search:
+            result = search_mod.search(args.model, args.profile, goal=args.search_goal, modes=modes,
+                                       sparsities=levels, structured=args.prune_structured, **common)
+        else:
+            result = pipeline.convert_to_bundle(args.model, args.profile, mode_override=args.mode, prune=prune,
+                                                prune_structured=args.prune_structured, **common)
+    except (ValidationFailed, search_mod.SearchFailed) as exc:
         progress.stop()
         doc = getattr(exc, "document", None)
         if doc is not None:
@@ -131,4 +200,11 @@ def _show(doc: dict, as_json: bool, print_json, report) -> None:
         print_json(doc)
         return
     from rich.console import Console
-    report.render(doc, Console(file=sys.stdout, soft_wrap=True, highlight=False))
+    console = Console(file=sys.stdout, soft_wrap=True, highlight=False)
+    if doc.get("search"):
+        from .search import render
+        render(doc["search"], console)
+    if "name" in doc:
+        report.render(doc, console)
+    elif doc.get("error"):
+        console.print(f"[bold red]NOT signed:[/] {doc['error']}", highlight=False)

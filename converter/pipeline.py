@@ -21,12 +21,13 @@ import numpy as np
 
 from agent import __version__ as AGENT_VERSION
 from agent.protocol import bundle as bundle_mod
-from agent.protocol import keys, profiles
+from agent.protocol import encryption, keys, profiles
 from agent.protocol.manifest import DEFAULT_CHUNK_SIZE, FORMAT, FORMAT_VERSION, TensorData, model_section
 
 from . import report as report_mod
 from . import runtimes
 from .errors import ConverterError, DataError, ValidationFailed
+from .sparse import transfer_sizes
 
 Progress = Callable[[str], None]
 EVAL_LIMIT = 2000                 # eval samples drawn at most (a bounded random sample, stated in the report)
@@ -226,13 +227,21 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
                       name: str, version: int, sign_key: str | os.PathLike[str], passphrase: bytes | None = None,
                       out_dir: str | os.PathLike[str], mode_override: str | None = None, force: bool = False,
                       skip_edgetpu_compile: bool = False, progress: Progress = _noop,
-                      profiles_dir: str | os.PathLike[str] | None = None) -> BundleResult:
+                      profiles_dir: str | os.PathLike[str] | None = None,
+                      encrypt_for: list[keys.Recipient] | None = None,
+                      prune: float | None = None, prune_structured: bool = False,
+                      finetune: str | os.PathLike[str] | None = None, epochs: int = 2,
+                      pruned: tuple[Any, Any] | None = None, search: dict[str, Any] | None = None) -> BundleResult:
     """Convert, validate, sign and write ``{out_dir}/{name}-v{version}-{profile}.lfb`` and its report.
 
     Raises a :class:`~agent.protocol.errors.LitefleetError` naming the problem, and writes
     nothing, when an input is bad or a check fails (``ValidationFailed`` carries the report
     document as ``.document``). ``force`` signs past failed checks that may be forced and
     records them in the manifest's ``forced``; never past a runtime that cannot load the model.
+    ``encrypt_for``: seal the model for these X25519 recipients (agent/protocol/encryption.py).
+    ``prune``: prune to this sparsity before quantizing (converter/prune.py), fine-tuning on
+    ``finetune`` for ``epochs``; ``pruned`` is a (SourceModel, PruneResult) made earlier by
+    ``--search``, and ``search`` its table of candidates for the report.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow's converter logs deprecation chatter through absl at WARNING; our own progress
@@ -240,7 +249,6 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
     logging.getLogger("absl").setLevel(logging.ERROR)
     from .data import load_dataset
     from .models import load_source
-    from .quantize import convert
     from .validate import validate
 
     profile = profiles.load_profile(profile_name, profiles_dir)
@@ -250,20 +258,36 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
     progress(f"loading the signing key {sign_key}")
     release_key = keys.load_private(sign_key, passphrase)
     mode, input_type, output_type = choose_mode(profile, mode_override)
+    if prune is not None:
+        from .prune import check_sparsity, check_training
+        check_sparsity(prune)
+        check_training(epochs, 32)
 
     progress(f"loading the model {model_path}")
     source = load_source(model_path)
+    if prune is not None:
+        from .prune import check_source
+        check_source(source, prune_structured)
     if source.kind != "tflite" and mode in ("int8", "int16x8") and calibration is None:
         raise DataError(f"mode {mode} (profile {profile.name}) needs calibration data: give --calibration "
                         "FILE (.npz with x, .npy, or a folder of images)")
     limit = int(profile.quantization.get("calibration_samples", 200))
     cal = load_dataset(calibration, source.input_shape, purpose="calibration", limit=limit) if calibration else None
     ev = load_dataset(eval, source.input_shape, purpose="eval", limit=EVAL_LIMIT) if eval else None
+    conv_source, pruning = _prune_step(source, prune, prune_structured, finetune, epochs, pruned, ev, progress)
 
     progress(f"converting to {mode} ({input_type} in, {output_type} out)"
              + (f", calibrating with {len(cal.x)} samples" if cal is not None and mode in ("int8", "int16x8") else ""))
-    conversion = convert(source, mode=mode, input_type=input_type, output_type=output_type, calibration=cal,
-                         runtime_min_version=profile.runtime["min_version"], progress=progress)
+    conversion, sparse_weights, sparse_note = convert_model(conv_source, pruning, profile, mode, input_type,
+                                                            output_type, cal, progress)
+    pruning_doc = None
+    if pruning is not None:
+        from .prune import manifest_summary, report_section
+        pruning_doc = report_section(pruning, conversion.tflite, sparse_weights=sparse_weights,
+                                     sparse_note=sparse_note, original=source, pruned=conv_source,
+                                     data=ev if ev is not None else cal)
+        conversion.settings["pruning"] = manifest_summary(pruning_doc)
+        progress(f"pruned: {pruning_doc['tflite_sparsity']:.1%} of the converted model's weights are zero")
 
     edgetpu = None
     model = conversion.tflite
@@ -274,7 +298,11 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
 
     eval_data, eval_label = (ev, "eval data") if ev is not None else (
         (cal, "calibration data (no --eval given)") if cal is not None else (None, ""))
-    validation = validate(source, conversion, profile, eval_data, progress=progress, calibration=cal,
+    reference = source
+    if pruning is not None:
+        from .prune import MeasuredAgainst
+        reference = MeasuredAgainst(conv_source, source)
+    validation = validate(reference, conversion, profile, eval_data, progress=progress, calibration=cal,
                           eval_label=eval_label)
     if edgetpu is not None and edgetpu.compiled:
         validation.notes.append("checks ran on the CPU model; the Edge TPU-compiled model needs the Edge TPU "
@@ -291,12 +319,14 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
     bundle_path = out_dir / bundle_filename(name, version, profile.name)
     report_path = out_dir / report_filename(name, version, profile.name)
 
-    def doc(ok: bool, error: str | None = None, forced: list[str] | None = None) -> dict[str, Any]:
+    def doc(ok: bool, error: str | None = None, forced: list[str] | None = None,
+            transfer: dict[str, Any] | None = None) -> dict[str, Any]:
         return report_mod.document(
             ok=ok, name=name, version=version, profile=profile.name,
             source={"path": str(model_path), "kind": source.kind}, data=data_doc, quantization=quant_doc,
             validation=validation_doc, accelerator=accelerator, estimates=estimates, forced=forced,
-            bundle=str(bundle_path) if ok else None, report=str(report_path) if ok else None, error=error)
+            bundle=str(bundle_path) if ok else None, report=str(report_path) if ok else None, error=error,
+            pruning=pruning_doc, transfer=transfer or transfer_sizes(model), search=search)
 
     failed = validation.failed()
     unforceable = [c.name for c in validation.checks if not c.ok and not c.forceable]
@@ -322,9 +352,22 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
     manifest = build_manifest(name=name, version=version, profile=profile, model=model, conversion=conversion,
                               validation_doc=validation_doc, accelerator=accelerator, estimates=estimates,
                               smoke=smoke, forced=forced)
+    profile_data = cal if cal is not None else ev
+    if profile_data is not None and len(profile_data.x) >= 2:
+        # Drift reference for the device: the data it was calibrated on and the converted model's outputs.
+        from .datastats import profile as data_profile
+        progress(f"profiling the {'calibration' if cal is not None else 'eval'} data and the model's outputs for drift")
+        manifest["data_profile"] = data_profile(smoke_model, profile_data.x, threads=profile.threads).to_dict()
+    payload = model
+    if encrypt_for:
+        progress(f"encrypting the model for {len(encrypt_for)} recipient(s): "
+                 + ", ".join(r.label for r in encrypt_for))
+        manifest, payload = encryption.encrypt(manifest, model, encrypt_for)
     progress("signing")
-    data = bundle_mod.build(manifest, model, release_key)
-    final = doc(True, forced=forced)
+    data = bundle_mod.build(manifest, payload, release_key)
+    parts = bundle_mod.parse_bundle(data)
+    final = doc(True, forced=forced, transfer=transfer_sizes(payload, data, parts.manifest_bytes,
+                                                             parts.signature_bytes))
     out_dir.mkdir(parents=True, exist_ok=True)
     report_mod.write(report_path, final)
     try:
@@ -334,6 +377,52 @@ def convert_to_bundle(model_path: str | os.PathLike[str], profile_name: str, *,
         raise
     progress(f"wrote {bundle_path}")
     return BundleResult(bundle_path, report_path, manifest, final, validation)
+
+
+def convert_model(source, pruning, profile, mode: str, input_type: str, output_type: str, calibration,
+                  progress: Progress = _noop):
+    """(Conversion, sparse_weights, note): convert ``source``, storing a pruned model's weights sparse
+    where the profile's runtime takes that (converter/prune.py ``sparse_encoding_fits``)."""
+    from .quantize import convert
+    sparse_weights, note = False, ""
+    if pruning is not None:
+        from .prune import sparse_encoding_fits
+        sparse_weights, note = sparse_encoding_fits(mode, profile.accelerator["kind"], pruning.structured)
+    kwargs = dict(mode=mode, input_type=input_type, output_type=output_type, calibration=calibration,
+                  runtime_min_version=profile.runtime["min_version"], progress=progress)
+    conversion = convert(source, sparse_weights=sparse_weights, **kwargs)
+    if sparse_weights and not _loads(conversion.tflite):
+        sparse_weights, note = False, "the sparse encoding did not load in ai-edge-litert; weights stored dense"
+        progress(note)
+        conversion = convert(source, **kwargs)
+    return conversion, sparse_weights, note
+
+
+def _loads(model: bytes) -> bool:
+    try:
+        runtimes.litert_interpreter(model)
+    except Exception:  # noqa: BLE001 - any load failure means: do not ship this encoding
+        return False
+    return True
+
+
+def _prune_step(source, prune: float | None, structured: bool, finetune, epochs: int, pruned, ev, progress):
+    """(the source to convert, PruneResult or None): prune ``source`` when asked, or take ``pruned``."""
+    if pruned is not None:
+        return pruned
+    if prune is None:
+        return source, None
+    from .data import load_dataset
+    from .prune import check_labels, prune_source
+    tuning = load_dataset(finetune, source.input_shape, purpose="fine-tuning") if finetune else None
+    check_labels(tuning)
+    if tuning is None:
+        progress("warning: no --finetune data: pruning at once without fine-tuning (accuracy may drop)")
+    progress(f"pruning to {prune:.0%}" + (" (structured: whole filters and units)" if structured else "")
+             + (f", fine-tuning {epochs} epoch(s) on {tuning.describe()}" if tuning is not None else ""))
+    validation = ev if ev is not None and ev.y is not None else None
+    return prune_source(source, prune, tuning, structured=structured, epochs=epochs, validation=validation,
+                        progress=progress)
 
 
 def _describe(data) -> str:

@@ -59,8 +59,12 @@ class Conversion:
 
 def convert(source: SourceModel, *, mode: str, input_type: str, output_type: str,
             calibration: Dataset | None, runtime_min_version: str,
-            progress: Callable[[str], None]) -> Conversion:
-    """Convert ``source``; ConversionError naming the op and version when no settings fit the runtime."""
+            progress: Callable[[str], None], sparse_weights: bool = False) -> Conversion:
+    """Convert ``source``; ConversionError naming the op and version when no settings fit the runtime.
+
+    ``sparse_weights`` adds TFLite's EXPERIMENTAL_SPARSITY optimization: the converter stores
+    mostly-zero weights (a pruned model) in a sparse encoding behind DENSIFY ops.
+    """
     if source.kind == "tflite":
         return _existing(source, runtime_min_version, progress)
     _check_request(mode, input_type, output_type, calibration, source)
@@ -70,7 +74,8 @@ def convert(source: SourceModel, *, mode: str, input_type: str, output_type: str
         if tried:
             progress(f"retrying with {', '.join(f'{k}={v}' for k, v in extra.items())} "
                      f"because {tried[-1][1][0]}")
-        tflite, settings = _convert_once(source, mode, input_type, output_type, calibration, extra, progress)
+        tflite, settings = _convert_once(source, mode, input_type, output_type, calibration, extra, progress,
+                                         sparse_weights)
         ops = model_ops(tflite)
         problems = runtime_problems(ops, runtime_min_version)
         hard = blocking(problems)
@@ -122,7 +127,8 @@ def _representative(calibration: Dataset, progress: Callable[[str], None]) -> Ca
 
 
 def _build_converter(source: SourceModel, mode: str, input_type: str, output_type: str,
-                     calibration: Dataset | None, extra: dict, progress: Callable[[str], None]):
+                     calibration: Dataset | None, extra: dict, progress: Callable[[str], None],
+                     sparse_weights: bool = False):
     """A TFLiteConverter for ``mode`` and the dict of every flag set on it (for the manifest)."""
     import tensorflow as tf
     concrete = source.concrete_function()
@@ -133,6 +139,9 @@ def _build_converter(source: SourceModel, mode: str, input_type: str, output_typ
     if mode != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         settings["optimizations"] = ["DEFAULT"]
+    if sparse_weights:
+        converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+        settings["optimizations"] = [*settings.get("optimizations", []), "EXPERIMENTAL_SPARSITY"]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
         settings["supported_types"] = ["float16"]
@@ -172,8 +181,9 @@ def make_converter(source: SourceModel, conversion: Conversion, calibration: Dat
 
 def _convert_once(source: SourceModel, mode: str, input_type: str, output_type: str,
                   calibration: Dataset | None, extra: dict[str, bool],
-                  progress: Callable[[str], None]) -> tuple[bytes, dict]:
-    converter, settings = _build_converter(source, mode, input_type, output_type, calibration, extra, progress)
+                  progress: Callable[[str], None], sparse_weights: bool = False) -> tuple[bytes, dict]:
+    converter, settings = _build_converter(source, mode, input_type, output_type, calibration, extra, progress,
+                                           sparse_weights)
     progress(f"converting {source.path.name} to TFLite ({mode})")
     try:
         tflite = converter.convert()

@@ -21,9 +21,14 @@ def document(*, ok: bool, name: str, version: int, profile: str, source: dict[st
              quantization: dict[str, Any] | None, validation: dict[str, Any] | None,
              accelerator: dict[str, Any] | None = None, estimates: dict[str, Any] | None = None,
              forced: list[str] | None = None, bundle: str | None = None, report: str | None = None,
-             error: str | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The report document; ``ok`` means a signed bundle was written."""
-    return {
+             error: str | None = None, data: dict[str, Any] | None = None, pruning: dict[str, Any] | None = None,
+             transfer: dict[str, Any] | None = None, search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report document; ``ok`` means a signed bundle was written.
+
+    ``pruning`` (converter/prune.py ``report_section``), ``transfer`` (converter/sparse.py
+    ``transfer_sizes``) and ``search`` (converter/search.py) appear only when there is one.
+    """
+    doc = {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
         "ok": ok, "signed": bundle is not None, "bundle": bundle, "report": report, "error": error,
         "name": name, "version": version, "profile": profile,
@@ -31,6 +36,8 @@ def document(*, ok: bool, name: str, version: int, profile: str, source: dict[st
         "accelerator": accelerator or {}, "estimates": estimates or {},
         "validation": validation or {}, "forced": list(forced or []),
     }
+    doc.update({k: v for k, v in (("pruning", pruning), ("transfer", transfer), ("search", search)) if v is not None})
+    return doc
 
 
 def write(path: Path, doc: dict[str, Any]) -> Path:
@@ -54,6 +61,14 @@ def lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
                         + (f"; {shown}" if shown else "")))
     for purpose, what in (doc.get("data") or {}).items():
         out.append(("", f"  {purpose} data: {what}"))
+    out.extend(_pruning_lines(doc.get("pruning")))
+    transfer = doc.get("transfer") or {}
+    if transfer:
+        text = f"  transfer: model {_kb(transfer['model_bytes'])} ({_kb(transfer['model_deflate_bytes'])} deflated)"
+        if "bundle_bytes" in transfer:
+            text += (f", bundle {_kb(transfer['bundle_bytes'])} ({_kb(transfer['bundle_deflate_bytes'])} deflated), "
+                     f"MQTT pull {_kb(transfer['mqtt_pull_bytes'])} in {transfer['mqtt_pull_chunks']} chunk(s)")
+        out.append(("", text))
     accel = doc.get("accelerator") or {}
     if accel:
         mapped = (f", {accel['ops_mapped']}/{accel['ops_total']} ops mapped"
@@ -89,6 +104,42 @@ def lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
     elif validation and not validation.get("ok", True):
         out.append(("bold red", f"NOT signed: failed checks {', '.join(validation.get('failed', []))}; "
                                 "nothing was written"))
+    return out
+
+
+MAX_LAYER_LINES = 12
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1000:.1f} KB" if n < 1_000_000 else f"{n / 1e6:.2f} MB"
+
+
+def _pruning_lines(pruning: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not pruning:
+        return []
+    out = []
+    tuning = pruning.get("fine_tuning") or {}
+    how = (f"fine-tuned {tuning['epochs']} epoch(s) on {tuning['data']}" if tuning.get("data")
+           else "no fine-tuning (one-shot)")
+    kind = "structured" if pruning.get("structured") else "magnitude"
+    out.append(("", f"  pruning: {kind}, target {pruning['target']:.0%}; {how}; params {pruning['params_before']:,} "
+                    f"-> {pruning['params_after']:,}"))
+    accuracy = pruning.get("float_accuracy")
+    if accuracy:
+        out.append(("", f"    float accuracy {accuracy['source']:.2%} -> {accuracy['pruned']:.2%} after pruning "
+                        f"(drop {accuracy['drop_points']:.2f} pt, before quantization)"))
+    for change in pruning.get("channels") or []:
+        out.append(("", f"    {change['name']} ({change['kind']}): {change['channels_before']} -> "
+                        f"{change['channels_after']} channels"))
+    out.append(("", f"    read back from the converted model: {pruning['tflite_sparsity']:.1%} of the weights are "
+                    f"zero; {pruning.get('sparse_note') or 'weights stored dense'}"))
+    layers = pruning.get("tflite_layers") or []
+    for layer in layers[:MAX_LAYER_LINES]:
+        name = layer.get("layer") or layer["name"].split(";")[0]
+        out.append(("", f"      {name} ({layer['op']}, {layer['dtype']}): {layer['sparsity']:.1%} zero of "
+                        f"{layer['params']:,}"))
+    if len(layers) > MAX_LAYER_LINES:
+        out.append(("dim", f"      ... and {len(layers) - MAX_LAYER_LINES} more weight tensors (see --json)"))
     return out
 
 

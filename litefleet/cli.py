@@ -15,6 +15,7 @@ from agent.clikit import run
 COMMAND_MODULES = (
     "litefleet.protocol_commands",  # keys, profiles, bundle
     "converter.cli",                # convert
+    "converter.cli_distill",        # distill
     "litefleet.demo",               # demo
     "fleet.cli_broker",             # broker config
     "fleet.cli_server",             # server, repo add
