@@ -16,6 +16,13 @@ Rules (thresholds in :class:`AlertConfig`):
   least ``latency_min_samples`` telemetry intervals on each side within ``latency_window_s``.
   Medians of interval p95s, because one slow interval (a GC pause, a cold cache right after the
   install) must not raise an alert.
+- ``drift``: the device's latest drift score (PSI, docs/quality.md) for the model it runs is over
+  ``drift_threshold`` (0.2, ``litefleet server --drift-threshold``); it closes once the score is
+  ``drift_hysteresis`` (0.05) below the threshold, or the device runs another model.
+- ``anomaly_latency``, ``anomaly_error_rate``, ``anomaly_temperature``, ``anomaly_memory``: the
+  metric has been far above the device's own recent normal (rolling median and MAD,
+  fleet/anomaly.py) for ``persist`` consecutive telemetry intervals; closes at the first normal
+  interval. The message says the value, the normal (median), the robust z and since when.
 """
 
 from __future__ import annotations
@@ -28,12 +35,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.anomaly import AnomalyConfig, detect_all
+
 log = logging.getLogger("litefleet.alerts")
 
 OFFLINE = "offline"
 TEMPERATURE = "temperature"
 LATENCY_REGRESSION = "latency_regression"
-KINDS = (OFFLINE, TEMPERATURE, LATENCY_REGRESSION)
+DRIFT = "drift"
+ANOMALY_KINDS = {"p95_ms": "anomaly_latency", "error_rate": "anomaly_error_rate",
+                 "temperature_c": "anomaly_temperature", "memory_percent": "anomaly_memory"}
+KINDS = (OFFLINE, TEMPERATURE, LATENCY_REGRESSION, DRIFT, *ANOMALY_KINDS.values())
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,10 @@ class AlertConfig:
     latency_ratio: float = 1.5
     latency_min_samples: int = 5
     latency_window_s: float = 3600.0
+    drift_threshold: float = 0.2
+    drift_hysteresis: float = 0.05
+    anomaly: AnomalyConfig = AnomalyConfig()
+    anomaly_history_s: float = 1800.0     # raw telemetry read per evaluation for the anomaly detector
 
 
 @dataclass(frozen=True)
@@ -155,10 +171,55 @@ def latency_rule(device_id: str, installed: Mapping[str, Any] | None, telemetry:
     return None
 
 
+def drift_rule(device: Mapping[str, Any], now: float, is_open: bool, cfg: AlertConfig) -> Decision | None:
+    """``device["drift"]``: the latest drift report for the model the device runs (fleet.store), or None."""
+    device_id = str(device["device_id"])
+    drift = device.get("drift") or {}
+    score = drift.get("score")
+    model = device.get("model_version") or "its model"
+    if score is None:
+        if is_open:
+            return Decision(device_id, DRIFT, False, now, f"{device_id}: no drift report for {model} any more")
+        return None
+    score = float(score)
+    details = {"score": score, "inputs": drift.get("inputs"), "outputs": drift.get("outputs"),
+               "window": drift.get("window"), "threshold": cfg.drift_threshold, "model": device.get("model_version")}
+    if score > cfg.drift_threshold:
+        parts = [f"{k} {float(drift[k]):.2f}" for k in ("inputs", "outputs") if drift.get(k) is not None]
+        window = f" over its last {drift['window']} inferences" if drift.get("window") else ""
+        return Decision(device_id, DRIFT, True, now,
+                        f"{device_id}: data drift {score:.2f} (PSI) on {model}{window}, over the threshold "
+                        f"{cfg.drift_threshold:g}" + (f" ({', '.join(parts)})" if parts else ""), details)
+    if is_open and score <= cfg.drift_threshold - cfg.drift_hysteresis:
+        return Decision(device_id, DRIFT, False, now, f"{device_id}: drift back to {score:.2f} on {model}", details)
+    return None
+
+
+def anomaly_rules(device_id: str, rows: Iterable[Mapping[str, Any]], now: float, active: set[tuple[str, str]],
+                  cfg: AlertConfig) -> list[Decision]:
+    """Open (or refresh) an anomaly alert per metric the device is anomalous in now; close the others."""
+    decisions = []
+    found = detect_all(rows, cfg.anomaly)
+    for metric, kind in ANOMALY_KINDS.items():
+        is_open = (device_id, kind) in active
+        anomaly = found.get(metric)
+        if anomaly is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(anomaly.since))
+            decisions.append(Decision(device_id, kind, True, now, f"{anomaly.describe(device_id)}, since {since}",
+                                      dict(anomaly.details)))
+        elif is_open:
+            decisions.append(Decision(device_id, kind, False, now, f"{device_id}: {metric} back to normal"))
+    return decisions
+
+
 def evaluate(devices: Iterable[Mapping[str, Any]], *, now: float, active: set[tuple[str, str]],
              max_temperatures: Mapping[str, float], installs: Mapping[str, Mapping[str, Any]],
-             telemetry: Mapping[str, list[Mapping[str, Any]]], cfg: AlertConfig = AlertConfig()) -> list[Decision]:
-    """Every rule over every device: the open/close decisions that change something."""
+             telemetry: Mapping[str, list[Mapping[str, Any]]], cfg: AlertConfig = AlertConfig(),
+             history: Mapping[str, list[Mapping[str, Any]]] | None = None) -> list[Decision]:
+    """Every rule over every device: the open/close decisions that change something.
+
+    ``history``: each device's recent telemetry rows for the anomaly detector (None: not judged).
+    """
     decisions: list[Decision] = []
     for device in devices:
         device_id = str(device["device_id"])
@@ -168,9 +229,12 @@ def evaluate(devices: Iterable[Mapping[str, Any]], *, now: float, active: set[tu
             temperature_rule(device, limit, now, (device_id, TEMPERATURE) in active, cfg),
             latency_rule(device_id, installs.get(device_id), telemetry.get(device_id, []), now,
                          (device_id, LATENCY_REGRESSION) in active, cfg),
+            drift_rule(device, now, (device_id, DRIFT) in active, cfg),
         ):
             if decision is not None:
                 decisions.append(decision)
+        if history is not None:
+            decisions += anomaly_rules(device_id, history.get(device_id, []), now, active, cfg)
     return decisions
 
 
@@ -233,9 +297,12 @@ class AlertEngine:
         telemetry = {device_id: self.store.telemetry(device_id, since=float(ev["ts"]) - self.cfg.latency_window_s,
                                                      until=now)
                      for device_id, ev in installs.items()}
+        history: dict[str, list[dict[str, Any]]] = {}
+        for row in self.store.telemetry(None, since=now - self.cfg.anomaly_history_s, until=now, resolution="raw"):
+            history.setdefault(str(row["device_id"]), []).append(row)
         opened: list[dict[str, Any]] = []
         for decision in evaluate(devices, now=now, active=active, max_temperatures=self.max_temperatures,
-                                 installs=installs, telemetry=telemetry, cfg=self.cfg):
+                                 installs=installs, telemetry=telemetry, cfg=self.cfg, history=history):
             alert = decision.to_alert()
             new = self.store.record_alert(alert)
             if decision.active and new:
@@ -272,5 +339,6 @@ class AlertEngine:
             self._thread.join(timeout=10)
 
 
-__all__ = ["AlertConfig", "AlertEngine", "Decision", "KINDS", "LATENCY_REGRESSION", "OFFLINE", "TEMPERATURE",
-           "evaluate", "latency_rule", "offline_rule", "profile_temperature_limits", "temperature_rule"]
+__all__ = ["ANOMALY_KINDS", "AlertConfig", "AlertEngine", "DRIFT", "Decision", "KINDS", "LATENCY_REGRESSION", "OFFLINE",
+           "TEMPERATURE", "anomaly_rules", "drift_rule", "evaluate", "latency_rule", "offline_rule",
+           "profile_temperature_limits", "temperature_rule"]

@@ -253,6 +253,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/events", "_events", ("device", "command", "kind", "since", "limit")),
     Route("GET", "/api/v1/alerts", "_alerts", ("all", "limit")),
     Route("GET", "/api/v1/ingest", "_ingest", ()),
+    Route("GET", "/api/v1/keys", "_keys", ("group", "profile")),
+    Route("GET", "/api/v1/quality", "_quality", ("model",)),
+    Route("GET", "/api/v1/models/{name}/versions/{version}/quality", "_model_quality", ()),
     Route("GET", "/api/openapi.json", "_openapi", (), auth=False),
     Route("GET", "/metrics", "_metrics", ()),          # auth decided by ServerApi.metrics_token
 )
@@ -267,14 +270,23 @@ class ServerApi:
     ``metrics``: a callable returning ``(body, content_type)`` for ``/metrics`` (see
     :func:`fleet.metrics.exposition`); None builds one over ``store`` and ``ingest_stats``.
     ``metrics_token``: require the bearer token on ``/metrics`` too.
+    ``blob_store``: the repository (:class:`fleet.repository.BlobStore`), whose manifests hold the
+    converter's accuracy figures shown beside the field's; None shows the field's alone.
+    ``drift_threshold``: the drift score (PSI) over which a device counts as drifting.
     """
 
     def __init__(self, store: Any, token: str, *, ingest_stats: Callable[[], Mapping[str, Any]] | None = None,
                  web_dir: str | os.PathLike[str] | None = None,
                  metrics: Callable[[], tuple[bytes, str]] | None = None, metrics_token: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, blob_store: Any = None,
+                 drift_threshold: float | None = None) -> None:
+        from fleet.quality import DEFAULT_DRIFT_THRESHOLD
         if not token:
             raise ValueError("the API needs a non-empty token")
+        self.blob_store = blob_store
+        self.drift_threshold = DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else float(drift_threshold)
+        self._manifest_cache: dict[str, tuple[str, int, dict[str, Any]] | None] = {}
+        self._manifest_lock = threading.Lock()
         self.store = store
         self._token = token.encode("utf-8")
         self.ingest_stats = ingest_stats
@@ -283,7 +295,7 @@ class ServerApi:
         self.clock = clock
         if metrics is None:
             from fleet.metrics import exposition, make_registry
-            registry = make_registry(store, ingest_stats)
+            registry = make_registry(store, ingest_stats, drift_threshold=self.drift_threshold)
             metrics = lambda: exposition(registry)  # noqa: E731
         self._render_metrics = metrics
 
@@ -351,10 +363,13 @@ class ServerApi:
         by_kind: dict[str, int] = {}
         for alert in alerts:
             by_kind[alert.get("kind", "?")] = by_kind.get(alert.get("kind", "?"), 0) + 1
+        drifting = sum(1 for d in devices if (d.get("drift") or {}).get("score") is not None
+                       and float(d["drift"]["score"]) > self.drift_threshold)
         return {"online": online, "offline": len(devices) - online, "total": len(devices),
                 "lost": sum(int(d.get("lost") or 0) for d in devices),
                 "pending_deployments": sum(1 for d in devices if d.get("pending_deployment")),
-                "alerts": len(alerts), "alerts_by_kind": by_kind, "time": self.clock()}
+                "alerts": len(alerts), "alerts_by_kind": by_kind, "time": self.clock(),
+                "drifting": drifting, "drift_threshold": self.drift_threshold}
 
     def _device(self, request: Request, q: Query, p: dict[str, str]) -> Response:
         device_id = p["id"]
@@ -367,7 +382,7 @@ class ServerApi:
         alerts = [a for a in self.store.alerts(active_only=False, limit=MAX_ALERTS)
                   if a.get("device_id") == device_id][:50]
         return json_response(200, {"device": device, "since": since, "telemetry": telemetry, "events": events,
-                                   "alerts": alerts})
+                                   "alerts": alerts, "quality": self._device_quality(device_id)})
 
     def _device_telemetry(self, request: Request, q: Query, p: dict[str, str]) -> Response:
         device_id = p["id"]
@@ -404,10 +419,88 @@ class ServerApi:
         limit = q.int("limit", 500, 1, MAX_ALERTS)
         return json_response(200, {"alerts": self.store.alerts(active_only=flag in ("0", "false"), limit=limit)})
 
+    def _keys(self, request: Request, q: Query, p: dict[str, str]) -> Response:
+        """Devices' X25519 public keys, for encrypting bundles (``litefleet fleet keys``)."""
+        from agent.protocol.errors import KeyFileError
+        from agent.protocol.keys import x25519_from_b64, x25519_key_id
+        group, profile = q.str("group"), q.str("profile")
+        found, without = [], []
+        for d in self.store.device_keys():
+            if (profile and d["profile"] != profile) or (group and group not in d["groups"]):
+                continue
+            raw = d["public_keys"].get("x25519")
+            try:
+                key_id = x25519_key_id(x25519_from_b64(raw, d["device_id"])) if raw else None
+            except KeyFileError:
+                key_id = None  # a malformed key is listed as none: nothing could be encrypted for it
+            if key_id is None:
+                without.append(d["device_id"])
+                continue
+            found.append({"device_id": d["device_id"], "fleet": d["fleet"], "profile": d["profile"],
+                          "groups": d["groups"], "online": d["online"], "status_ts": d["status_ts"],
+                          "x25519": raw, "key_id": key_id})
+        return json_response(200, {"keys": found, "without_key": without})
+
     def _ingest(self, request: Request, q: Query, p: dict[str, str]) -> Response:
         if self.ingest_stats is None:
             return json_response(200, {"running": False})
         return json_response(200, {"running": True, **dict(self.ingest_stats())})
+
+    # model quality (docs/quality.md) ------------------------------------------------------
+
+    def _device_quality(self, device_id: str) -> dict[str, Any]:
+        """Per model version this device reported on: its drift and field accuracy."""
+        from fleet.quality import confusion_metrics
+        rows = []
+        for r in self.store.quality(device_id=device_id):
+            fb = r.get("feedback")
+            drift = r.get("drift")
+            rows.append({"name": r["model_name"], "version": r["model_version"], "current": r["current"],
+                         "drift": drift, "drifting": bool(drift) and float(drift["score"]) > self.drift_threshold,
+                         "labels": (fb or {}).get("labels"), "unmatched": (fb or {}).get("unmatched"),
+                         "accuracy": confusion_metrics(fb["confusion"])["accuracy"] if fb else None})
+        rows.sort(key=lambda r: (not r["current"], r["name"], -r["version"]))
+        return {"drift_threshold": self.drift_threshold, "models": rows}
+
+    def _quality(self, request: Request, q: Query, p: dict[str, str]) -> Response:
+        from fleet.quality import group_rows, version_quality
+        model = q.str("model")
+        groups = group_rows(self.store.quality(model_name=model))
+        models = [version_quality(name, version, rows, self._manifests(name, version),
+                                  threshold=self.drift_threshold, detail=False)
+                  for (name, version), rows in groups.items()]
+        return json_response(200, {"drift_threshold": self.drift_threshold, "models": models})
+
+    def _model_quality(self, request: Request, q: Query, p: dict[str, str]) -> Response:
+        from fleet.quality import version_quality
+        name, raw = p["name"], p["version"]
+        try:
+            version = int(raw.removeprefix("v"))
+        except ValueError:
+            raise HttpError(400, f"version {raw!r}: expected a positive integer (3 or v3)") from None
+        rows = self.store.quality(model_name=name, model_version=version)
+        manifests = self._manifests(name, version)
+        if not rows and not manifests:
+            raise HttpError(404, f"no quality reports for {name} v{version} and no such bundle in the repository "
+                                 f"(`litefleet fleet quality {name}` lists the versions with reports)")
+        return json_response(200, version_quality(name, version, rows, manifests, threshold=self.drift_threshold))
+
+    def _manifests(self, name: str, version: int) -> list[dict[str, Any]]:
+        """The repository's manifests of ``name`` v``version`` (one per profile); blobs never change, so cached."""
+        if self.blob_store is None:
+            return []
+        found = []
+        with self._manifest_lock:
+            for blob_id in self.blob_store.list():
+                if blob_id not in self._manifest_cache:
+                    stored = self.blob_store.get(blob_id)
+                    self._manifest_cache[blob_id] = (None if stored is None else
+                                                     (stored.manifest.name, stored.manifest.version,
+                                                      stored.manifest.doc))
+                entry = self._manifest_cache[blob_id]
+                if entry is not None and entry[0] == name and entry[1] == version:
+                    found.append(entry[2])
+        return found
 
     def _openapi(self, request: Request, q: Query, p: dict[str, str]) -> Response:
         from fleet.openapi import OPENAPI
@@ -531,7 +624,8 @@ class ApiServer:
 
 def start_api(store: Any, data_dir: str | os.PathLike[str], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
               ingest_stats: Callable[[], Mapping[str, Any]] | None = None, metrics_token: bool = False,
-              web_dir: str | os.PathLike[str] | None = None) -> tuple[ApiServer, str]:
+              web_dir: str | os.PathLike[str] | None = None, blob_store: Any = None,
+              drift_threshold: float | None = None) -> tuple[ApiServer, str]:
     """What ``litefleet server`` calls: make or reuse the token, serve the API, return (server, token).
 
     The log line names the token file, never the token (logs end up in journals); a caller that
@@ -539,7 +633,8 @@ def start_api(store: Any, data_dir: str | os.PathLike[str], *, host: str = DEFAU
     """
     token = ensure_token(data_dir)
     server = ApiServer(ServerApi(store, token, ingest_stats=ingest_stats, web_dir=web_dir,
-                                 metrics_token=metrics_token), host, port).start()
+                                 metrics_token=metrics_token, blob_store=blob_store,
+                                 drift_threshold=drift_threshold), host, port).start()
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("the HTTP API listens on %s, beyond this machine, over plain HTTP: put TLS in front of it",
                     server.url)

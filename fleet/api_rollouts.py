@@ -4,10 +4,14 @@
 4xx is unit-testable. :class:`MountedApi` puts it in front of :class:`fleet.api.ServerApi` (same
 bearer token, same JSON and error shapes) until the server composes it itself.
 
-    GET  /api/v1/rollouts                      -> {"rollouts": [summary...]}
+    GET  /api/v1/rollouts                      -> {"rollouts": [summary...]}   (see RolloutStore.list)
     POST /api/v1/rollouts                      -> 201 {"rollout": state}   body: see create_rollout
     GET  /api/v1/rollouts/{id}                 -> {"rollout": state with devices and history}
     POST /api/v1/rollouts/{id}/pause|resume|abort -> {"rollout": state}   body: {"reason": "..."} optional
+
+A summary carries what the dashboard's Rollouts panel draws without the device rows: state and
+reason, stage of N with every stage's cumulative size, devices by state, versions per profile,
+the breach, and the last health verdict of the stage's updated devices against their baseline.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ from fleet.rollout_store import RolloutConflict, RolloutNotFound, RolloutStore
 PREFIX = "/api/v1/rollouts"
 _ONE = re.compile(r"^/api/v1/rollouts/([A-Za-z0-9._-]{1,100})$")
 _ACT = re.compile(r"^/api/v1/rollouts/([A-Za-z0-9._-]{1,100})/(pause|resume|abort)$")
+ACTIONS = ("pause", "resume", "abort")
+# (method, path pattern) of every route, as fleet/openapi.py documents them
+ROUTES: tuple[tuple[str, str], ...] = (
+    ("GET", PREFIX), ("POST", PREFIX), ("GET", PREFIX + "/{id}"),
+    *(("POST", f"{PREFIX}/{{id}}/{action}") for action in ACTIONS),
+)
 
 
 class RolloutApi:
@@ -121,4 +131,4 @@ class MountedApi:
         return json_response(status, doc)
 
 
-__all__ = ["RolloutApi", "MountedApi", "PREFIX"]
+__all__ = ["RolloutApi", "MountedApi", "PREFIX", "ROUTES"]

@@ -1,4 +1,5 @@
-"""``litefleet fleet status`` and ``litefleet fleet device``: the fleet at a glance, from the server's API.
+"""``litefleet fleet status``, ``fleet device``, ``fleet keys`` and ``fleet quality``: the fleet at a glance,
+from the server's API.
 
 Why through the HTTP API and not the database: the operator's laptop rarely reaches the
 server's database, and the API is the one place that applies the token. Every failure (server
@@ -187,6 +188,16 @@ def downsample(values: list[Any], width: int) -> list[Any]:
     return out
 
 
+def drift_text(drift: Mapping[str, Any] | None, threshold: Any) -> Any:
+    """The drift column: the score, red and marked ``!`` when over the server's threshold."""
+    from rich.text import Text
+    score = (drift or {}).get("score")
+    if score is None:
+        return Text("-")
+    over = threshold is not None and float(score) > float(threshold)
+    return Text(f"{float(score):.2f}" + (" !" if over else ""), style="bold red" if over else "")
+
+
 def summary_text(summary: Mapping[str, Any], shown: int | None = None) -> str:
     total = summary.get("total", 0)
     parts = [f"{summary.get('online', 0)} online / {summary.get('offline', 0)} offline of {total} device(s)"]
@@ -196,6 +207,8 @@ def summary_text(summary: Mapping[str, Any], shown: int | None = None) -> str:
                                        if kinds else ""))
     parts.append(f"pending deployments: {summary.get('pending_deployments', 0)}")
     parts.append(f"messages lost: {summary.get('lost', 0)}")
+    if summary.get("drift_threshold") is not None:
+        parts.append(f"drifting: {summary.get('drifting', 0)} (drift > {float(summary['drift_threshold']):g})")
     if shown is not None and shown < total:
         parts.append(f"showing {shown}")
     return " · ".join(parts)
@@ -209,6 +222,7 @@ def status_renderable(doc: Mapping[str, Any], alerts: list[Mapping[str, Any]], *
     from rich.text import Text
 
     now = float(doc.get("summary", {}).get("time") or time.time())
+    threshold = doc.get("summary", {}).get("drift_threshold")
     devices = sorted(doc.get("devices", []), key=lambda d: str(d.get("device_id")))
     shown = devices[:limit] if limit else devices
     alert_kinds: dict[str, set[str]] = {}
@@ -217,7 +231,8 @@ def status_renderable(doc: Mapping[str, Any], alerts: list[Mapping[str, Any]], *
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column, justify in (("device", "left"), ("state", "left"), ("last seen", "right"), ("model", "left"),
                             ("delegate", "left"), ("p95 ms", "right"), ("inf/s", "right"), ("CPU %", "right"),
-                            ("temp °C", "right"), ("pending", "left"), ("lost", "right"), ("alerts", "left")):
+                            ("temp °C", "right"), ("drift", "right"), ("pending", "left"), ("lost", "right"),
+                            ("alerts", "left")):
         table.add_column(column, justify=justify, no_wrap=column in ("device", "last seen"))
     for d in shown:
         kinds = alert_kinds.get(str(d.get("device_id")), set())
@@ -233,6 +248,7 @@ def status_renderable(doc: Mapping[str, Any], alerts: list[Mapping[str, Any]], *
             num(d.get("inferences_per_s")),
             num(d.get("cpu_percent"), "{:.0f}"),
             Text(num(d.get("temperature_c")), style="red" if "temperature" in kinds else ""),
+            drift_text(d.get("drift"), threshold),
             pending_text(d.get("pending_deployment")),
             Text(str(lost), style="yellow" if lost else ""),
             Text(", ".join(sorted(kinds)) or "-", style="red" if kinds else ""),
@@ -254,7 +270,8 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    f = subparsers.add_parser("fleet", help="watch the fleet: status table, one device's history")
+    f = subparsers.add_parser("fleet", help="watch the fleet: status table, one device's history, device keys, "
+                                             "model quality")
     sub = f.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
     s = sub.add_parser("status", help="one line per device: state, model, latency, load, pending deployment",
                        description="Show every device the fleet server knows, with a summary line.")
@@ -273,6 +290,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--since", type=float, default=3600.0, metavar="S", help="history window (default: 3600 s)")
     d.add_argument("--json", action="store_true", help="print the API's JSON")
     d.set_defaults(func=_device)
+    q = sub.add_parser("quality", help="a model's quality in the field: drift, accuracy from feedback labels",
+                       description="Per version of model NAME: how many devices report drift over the server's "
+                                   "threshold, and the accuracy, per-class precision, recall and F1 of the labels "
+                                   "the devices' applications sent back, beside the converter's figures from the "
+                                   "bundle's manifest. docs/quality.md explains the measures.")
+    _add_server_options(q)
+    q.add_argument("name", metavar="NAME", help="model name (as in the manifest)")
+    q.add_argument("--version", type=_version_arg, metavar="V",
+                   help="one version in detail (default: every version with reports, the newest in detail)")
+    q.add_argument("--json", action="store_true", help="print the API's JSON")
+    q.set_defaults(func=_quality)
+    k = sub.add_parser("keys", help="devices' X25519 public keys, to encrypt bundles for",
+                       description="List the devices that reported an X25519 public key in their birth message. "
+                                   "`--json > keys.json` writes what `litefleet convert --encrypt-for keys.json` "
+                                   "and `litefleet bundle encrypt|rewrap --encrypt-for keys.json` read.")
+    _add_server_options(k)
+    k.add_argument("--group", help="only devices in this group")
+    k.add_argument("--profile", help="only devices of this profile")
+    k.add_argument("--json", action="store_true", help="print the API's JSON (the --encrypt-for input)")
+    k.set_defaults(func=_keys)
 
 
 def _console() -> Any:
@@ -359,6 +396,138 @@ def _device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+    client.timeout = args.timeout
+    doc = client.get("/api/v1/keys", {"group": args.group, "profile": args.profile})
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    from rich.table import Table
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("device", "profile", "state", "key id", "x25519 public key"):
+        table.add_column(column, no_wrap=True)
+    for d in doc.get("keys", []):
+        table.add_row(str(d.get("device_id")), str(d.get("profile") or "-"), "online" if d.get("online") else "offline",
+                      str(d.get("key_id")), str(d.get("x25519")))
+    console = _console()
+    console.print(table)
+    without = doc.get("without_key") or []
+    note = f"; without one (agent without x25519_key_file, or older): {', '.join(without)}" if without else ""
+    console.print(f"{len(doc.get('keys', []))} device(s) with a key{note}")
+    return 0
+
+
+def _version_arg(text: str) -> int:
+    try:
+        value = int(text.removeprefix("v"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a version number such as 3 or v3, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"versions start at 1, got {value}")
+    return value
+
+
+def _quality(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+    client.timeout = args.timeout
+    name = args.name
+    if args.version is None:
+        listing = client.get("/api/v1/quality", {"model": name})
+        versions = [m for m in listing.get("models", []) if m.get("name") == name]
+        if not versions:
+            raise FleetApiError(f"no device has reported drift or feedback for model {name!r} yet (is the name "
+                                f"right? `litefleet fleet status` shows the models devices run)")
+        newest = max(int(m["version"]) for m in versions)
+    else:
+        listing, versions, newest = None, [], args.version
+    path = f"/api/v1/models/{urllib.parse.quote(name, safe='')}/versions/{newest}/quality"
+    try:
+        detail = client.get(path)
+    except FleetApiError as exc:
+        if "HTTP 404" in str(exc):
+            raise FleetApiError(f"no quality reports for {name} v{newest} and no such bundle in the server's "
+                                f"repository") from None
+        raise
+    if args.json:
+        doc = detail if listing is None else {**listing, "detail": detail}
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    _console().print(quality_renderable(detail, versions))
+    return 0
+
+
+def _pct(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{float(value) * 100:.{digits}f}%"
+
+
+def quality_renderable(detail: Mapping[str, Any], versions: Sequence[Mapping[str, Any]] = ()) -> Any:
+    """Versions side by side, then one version in detail: drift, field accuracy vs the converter's, per class."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+    if versions:
+        t = Table(box=None, header_style="bold", pad_edge=False, title=f"{detail.get('name')}: versions",
+                  title_justify="left")
+        for column in ("version", "drift devices", "drifting", "median drift", "labels", "field accuracy",
+                       "converter accuracy", "delta"):
+            t.add_column(column, justify="left" if column == "version" else "right")
+        for m in sorted(versions, key=lambda m: -int(m["version"])):
+            drift, field = m.get("drift") or {}, m.get("field") or {}
+            drifting = len(drift.get("drifting") or [])
+            delta = m.get("accuracy_delta_points")
+            t.add_row(f"v{m['version']}", str(drift.get("devices", 0)),
+                      Text(str(drifting), style="bold red" if drifting else ""), num(drift.get("median"), "{:.3f}"),
+                      str(field.get("labels", 0)), _pct(field.get("accuracy")), _pct(m.get("converter_accuracy")),
+                      Text("-" if delta is None else f"{delta:+.1f} pt",
+                           style="red" if delta is not None and delta < -1 else ""))
+        parts += [t, Text("")]
+
+    drift, field = detail.get("drift") or {}, detail.get("field") or {}
+    threshold = drift.get("threshold")
+    head = Text(f"{detail.get('name')} v{detail.get('version')}", style="bold")
+    drifting = drift.get("drifting") or []
+    parts.append(head)
+    parts.append(Text(f"drift: {drift.get('devices', 0)} device(s) reporting, median {num(drift.get('median'), '{:.3f}')}"
+                      f", max {num(drift.get('max'), '{:.3f}')}; over {threshold}: "
+                      + (", ".join(drifting) if drifting else "none"), style="red" if drifting else ""))
+    converters = detail.get("converter") or []
+    conv = "; ".join(f"{c.get('profile')}: {_pct(c.get('accuracy'))}" + (f" on {c.get('samples')} samples"
+                                                                          if c.get("samples") else "")
+                     for c in converters if c.get("measured")) or "not in the repository or measured without labels"
+    parts.append(Text(f"field accuracy: {_pct(field.get('accuracy'))} from {field.get('labels', 0)} label(s) on "
+                      f"{field.get('devices', 0)} device(s)" + (f" ({field['unmatched']} unmatched)"
+                                                                 if field.get("unmatched") else "")))
+    parts.append(Text(f"converter (eval data): {conv}"))
+    per_class = field.get("per_class") or []
+    if per_class and field.get("labels"):
+        conv_classes = {c["class"]: c for c in (next((c for c in converters if c.get("measured")), {}) or {})
+                        .get("per_class", [])}
+        t = Table(box=None, header_style="bold", pad_edge=False, title="per class (field | converter)",
+                  title_justify="left")
+        for column in ("class", "support", "precision", "recall", "F1", "conv. precision", "conv. recall",
+                       "conv. F1"):
+            t.add_column(column, justify="right")
+        for c in per_class:
+            ref = conv_classes.get(c["class"], {})
+            t.add_row(str(c["class"]), str(c["support"]), num(c["precision"], "{:.3f}"), num(c["recall"], "{:.3f}"),
+                      num(c["f1"], "{:.3f}"), num(ref.get("precision"), "{:.3f}"), num(ref.get("recall"), "{:.3f}"),
+                      num(ref.get("f1"), "{:.3f}"))
+        parts += [Text(""), t]
+    devices = detail.get("devices") or []
+    if devices:
+        t = Table(box=None, header_style="bold", pad_edge=False, title="devices", title_justify="left")
+        for column in ("device", "profile", "runs it", "drift", "labels", "accuracy"):
+            t.add_column(column, justify="left" if column in ("device", "profile") else "right")
+        for d in devices:
+            t.add_row(str(d["device_id"]), str(d.get("profile") or "-"), "yes" if d.get("current") else "no",
+                      drift_text(d.get("drift"), threshold), str(d.get("labels") or 0), _pct(d.get("accuracy")))
+        parts += [Text(""), t]
+    return Group(*parts)
+
+
 def device_renderable(doc: Mapping[str, Any], window_s: float) -> Any:
     """A device's facts, sparklines of the last hour, recent telemetry, events and alerts."""
     from rich.console import Group
@@ -384,7 +553,9 @@ def device_renderable(doc: Mapping[str, Any], window_s: float) -> Any:
                  f"lost {int(d.get('lost') or 0)}")
     latest = Text(f"latest: p95 {num(d.get('p95_ms'), '{:.2f}', ' ms')}  {num(d.get('inferences_per_s'))} inf/s  "
                   f"CPU {num(d.get('cpu_percent'), '{:.0f}', ' %')}  {num(d.get('temperature_c'), '{:.1f}', ' °C')}  "
-                  f"memory {num(d.get('memory_percent'), '{:.0f}', ' %')}")
+                  f"memory {num(d.get('memory_percent'), '{:.0f}', ' %')}"
+                  + (f"  drift {float(d['drift']['score']):.2f}" if (d.get("drift") or {}).get("score") is not None
+                     else ""))
     parts: list[Any] = [head, facts, latest, Text("")]
 
     spark = Table(box=None, show_header=True, header_style="bold", pad_edge=False,
@@ -439,5 +610,5 @@ def device_renderable(doc: Mapping[str, Any], window_s: float) -> Any:
     return Group(*parts)
 
 
-__all__ = ["ApiClient", "AuthError", "FleetApiError", "ago", "device_renderable", "register", "sparkline",
-           "status_renderable", "summary_text"]
+__all__ = ["ApiClient", "AuthError", "FleetApiError", "ago", "device_renderable", "drift_text", "quality_renderable",
+           "register", "sparkline", "status_renderable", "summary_text"]

@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds of raw telemetry kept before it is rolled up per minute (default: %(default)s)")
     s.add_argument("--minute-retention", type=float, default=30 * 86400.0, metavar="S",
                    help="seconds of per-minute rollups kept before they are rolled up per hour (default: %(default)s)")
+    s.add_argument("--drift-threshold", type=_drift_threshold, default=0.2, metavar="PSI",
+                   help="flag devices whose data drift score (population stability index, docs/quality.md) is "
+                        "over this, in `fleet status`, the dashboard, /metrics and alerts (default: %(default)s)")
     s.add_argument("--stats-interval", type=float, default=60.0, metavar="S",
                    help="log a stats line this often (default: %(default)s)")
     s.set_defaults(func=_server)
@@ -70,6 +73,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--trust", required=True, nargs="+", type=Path, metavar="PUBKEY|DIR")
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=_repo_add)
+
+
+def _drift_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.2, got {text!r}") from None
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"must be a positive PSI value such as 0.2 (0.1-0.25 is a moderate "
+                                         f"shift), got {value:g}")
+    return value
 
 
 def default_data_dir() -> Path:
@@ -98,7 +112,8 @@ def _server(args: argparse.Namespace) -> int:
     options = ServerOptions(fleet=args.fleet, data_dir=data_dir, http_host=args.http_host,
                             http_port=args.http_port, metrics_token=args.metrics_token,
                             share_group=args.share_group or None, raw_retention_s=args.raw_retention,
-                            minute_retention_s=args.minute_retention, stats_interval_s=args.stats_interval)
+                            minute_retention_s=args.minute_retention, stats_interval_s=args.stats_interval,
+                            drift_threshold=args.drift_threshold)
     server = FleetServer(link, blob_store, options, store=store, ingest_link=ingest_link, operator_key=operator_key)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,6 +11,14 @@ the fleet-wide counts still cover every device. ``litefleet_messages_lost_total{
 only devices that lost messages, the ``max_loss_devices`` (default 100) with the most losses,
 the rest summed under ``device="_other"``. Model/profile/kind labels are bounded by what the
 operator deploys; ``model_version`` is the store's label (``"digits v3"``, ``none`` without a model).
+
+Model quality (docs/quality.md): ``litefleet_device_drift_score{device,model,version}`` is the
+latest drift score of the model each device runs now, for the same ``max_devices`` devices as
+the other per-device series (one series per device: the version label changes with the model,
+it does not multiply). ``litefleet_model_drifting_devices{model,version}`` counts the devices
+over the threshold and ``litefleet_model_field_accuracy{model,version}`` (with
+``litefleet_model_feedback_labels``) sums the devices' feedback per model version: their labels
+grow with what the operator deploys, not with the fleet.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ log = logging.getLogger("litefleet.metrics")
 
 DEFAULT_MAX_DEVICES = 1000
 DEFAULT_MAX_LOSS_DEVICES = 100
-ALERT_KINDS = ("offline", "temperature", "latency_regression")
+ALERT_KINDS = ("offline", "temperature", "latency_regression", "drift", "anomaly_latency", "anomaly_error_rate",
+               "anomaly_temperature", "anomaly_memory")
+DEFAULT_DRIFT_THRESHOLD = 0.2
 
 
 def _num(value: Any) -> float | None:
@@ -49,11 +59,13 @@ class FleetCollector(Collector):
     """Yields the litefleet_* families from ``store`` (and ``ingest_stats()``) on every scrape."""
 
     def __init__(self, store: Any, ingest_stats: Callable[[], Mapping[str, Any]] | None = None, *,
-                 max_devices: int = DEFAULT_MAX_DEVICES, max_loss_devices: int = DEFAULT_MAX_LOSS_DEVICES) -> None:
+                 max_devices: int = DEFAULT_MAX_DEVICES, max_loss_devices: int = DEFAULT_MAX_LOSS_DEVICES,
+                 drift_threshold: float = DEFAULT_DRIFT_THRESHOLD) -> None:
         self.store = store
         self.ingest_stats = ingest_stats
         self.max_devices = max_devices
         self.max_loss_devices = max_loss_devices
+        self.drift_threshold = drift_threshold
 
     def collect(self) -> Iterator[Metric]:
         devices = self.store.devices()
@@ -62,6 +74,7 @@ class FleetCollector(Collector):
         yield from self._ingest()
         yield from self._losses()
         yield from self._per_device(devices)
+        yield from self._quality(devices)
         yield from self._alerts(counts)
 
     # fleet-wide ---------------------------------------------------------------------------
@@ -165,6 +178,50 @@ class FleetCollector(Collector):
                     family.add_metric(labels, value)
         yield from (p95, ips, cpu, temp, online)
 
+    # model quality ------------------------------------------------------------------------
+
+    def _quality(self, devices: list[dict[str, Any]]) -> Iterator[Metric]:
+        chosen = sorted(devices, key=lambda d: str(d.get("device_id")))[:self.max_devices]
+        score = GaugeMetricFamily("litefleet_device_drift_score", "Latest drift score (PSI) of the model the device "
+                                  "runs: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major shift",
+                                  labels=["device", "model", "version"])
+        drifting: dict[tuple[str, str], int] = {}
+        for d in devices:
+            drift, model = d.get("drift") or {}, d.get("model") or {}
+            value = _num(drift.get("score"))
+            if value is None:
+                continue
+            key = (str(model.get("name") or "none"), str(model.get("version")))
+            drifting[key] = drifting.get(key, 0) + (1 if value > self.drift_threshold else 0)
+        for d in chosen:
+            value = _num((d.get("drift") or {}).get("score"))
+            if value is not None:
+                model = d.get("model") or {}
+                score.add_metric([str(d.get("device_id")), str(model.get("name") or "none"),
+                                  str(model.get("version"))], value)
+        yield score
+        over = GaugeMetricFamily("litefleet_model_drifting_devices",
+                                 f"Devices whose drift score is over the threshold ({self.drift_threshold:g})",
+                                 labels=["model", "version"])
+        for key, n in sorted(drifting.items()):
+            over.add_metric(list(key), float(n))
+        yield over
+        from fleet.quality import group_rows, sum_confusions
+        accuracy = GaugeMetricFamily("litefleet_model_field_accuracy", "Accuracy of the labels the devices' "
+                                     "applications sent back, over the fleet", labels=["model", "version"])
+        labels = GaugeMetricFamily("litefleet_model_feedback_labels", "Feedback labels counted in the field "
+                                   "accuracy (cumulative per device and model version)", labels=["model", "version"])
+        for (name, version), rows in group_rows(self.store.quality()).items():
+            matrix = sum_confusions(r["feedback"]["confusion"] for r in rows if r.get("feedback"))
+            total = sum(sum(row) for row in matrix)
+            if not total:
+                continue
+            correct = sum(matrix[i][i] for i in range(len(matrix)))
+            accuracy.add_metric([name, str(version)], correct / total)
+            labels.add_metric([name, str(version)], float(total))
+        yield accuracy
+        yield labels
+
     def _alerts(self, counts: Mapping[str, Any]) -> Iterator[Metric]:
         by_kind = dict.fromkeys(ALERT_KINDS, 0)
         by_kind.update({str(k): int(n) for k, n in (counts.get("alerts_open") or {}).items()})
@@ -175,7 +232,7 @@ class FleetCollector(Collector):
 
 
 def make_registry(store: Any, ingest_stats: Callable[[], Mapping[str, Any]] | None = None,
-                  **limits: int) -> CollectorRegistry:
+                  **limits: float) -> CollectorRegistry:
     """A registry holding only the fleet collector (not the server process's own metrics)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(store, ingest_stats, **limits))

@@ -37,7 +37,7 @@ from agent.protocol.topics import SCOPES, Topics, check_id
 # (success kinds, failure kinds) per action: the events that end a device's part in a command.
 FINAL_EVENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "deploy": (frozenset({"installed"}), frozenset({"deploy_rejected", "install_failed"})),
-    "rollback": (frozenset({"rolled_back"}), frozenset({"deploy_rejected", "install_failed"})),
+    "rollback": (frozenset({"rolled_back", "rollback_skipped"}), frozenset({"deploy_rejected", "install_failed"})),
     "config": (frozenset({"config_applied"}), frozenset({"deploy_rejected"})),
 }
 EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2

@@ -164,7 +164,12 @@ def parse_failure_bound(text: str) -> FailureBound:
 METRICS = {
     "p50_latency_ms": "p50", "p95_latency_ms": "p95", "p99_latency_ms": "p99",
     "error_rate": "error_rate", "cpu_percent": "cpu",
+    # model quality in the field (docs/quality.md): the devices' drift score (PSI) and the accuracy
+    # of the labels their applications sent back, as a fraction (95% = 0.95)
+    "drift": "drift", "field_accuracy": "field_accuracy",
 }
+FRACTIONS = ("error_rate", "field_accuracy")   # written as 0.01 or 1%; an offset in % is points
+FIELD_MIN_LABELS = 20                           # fewer labels than this: field accuracy is not judged
 OPS = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
 _CLAUSE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*(.+?)\s*$")
 _NUMBER = r"[0-9]+(?:\.[0-9]+)?"
@@ -179,11 +184,12 @@ class Clause:
     value: float | None = None
     factor: float | None = None
     text: str = ""
+    offset: float = 0.0          # baseline-1% / baseline+0.02: added to factor * baseline
 
     def bound(self, baseline: float | None) -> float | None:
         if self.factor is None:
             return self.value
-        return None if baseline is None else self.factor * baseline
+        return None if baseline is None else self.factor * baseline + self.offset
 
     def holds(self, observed: float, baseline: float | None) -> bool | None:
         """True/False, or None when the bound needs a baseline that is unknown."""
@@ -200,34 +206,45 @@ class HealthRule:
         return self.text
 
 
-def _parse_bound(metric: str, raw: str, clause: str) -> tuple[float | None, float | None]:
+def _parse_bound(metric: str, raw: str, clause: str) -> tuple[float | None, float | None, float]:
     raw = raw.replace(" ", "")
-    pct = metric == "error_rate" or metric == "cpu_percent"
-    m = re.fullmatch(rf"(?:({_NUMBER})\*)?baseline(?:\*({_NUMBER}))?", raw)
+    pct = metric in FRACTIONS or metric == "cpu_percent"
+    m = re.fullmatch(rf"(?:({_NUMBER})\*)?baseline(?:\*({_NUMBER}))?(?:([+-])({_NUMBER})(%?))?", raw)
     if m:
         if m.group(1) and m.group(2):
             raise RolloutError(f"health clause {clause!r}: write the factor once, e.g. 1.2*baseline")
-        return None, float(m.group(1) or m.group(2) or 1.0)
+        offset = 0.0
+        if m.group(3):
+            offset = float(m.group(4)) * (1 if m.group(3) == "+" else -1)
+            if m.group(5):
+                if metric not in FRACTIONS:
+                    raise RolloutError(f"health clause {clause!r}: an offset in % is only for "
+                                       f"{' and '.join(FRACTIONS)} (percentage points)")
+                offset /= 100
+        return None, float(m.group(1) or m.group(2) or 1.0), offset
     m = re.fullmatch(rf"({_NUMBER})(%?)", raw)
     if m:
         value = float(m.group(1))
         if m.group(2):
-            if metric == "error_rate":
+            if metric in FRACTIONS:
                 value /= 100
             elif not pct:
-                raise RolloutError(f"health clause {clause!r}: {metric} is not a rate; '%' is only for error_rate "
-                                   f"and cpu_percent")
-        elif metric == "error_rate" and value > 1:
-            raise RolloutError(f"health clause {clause!r}: error_rate is a fraction (0.01) or a percentage (1%)")
-        return value, None
-    raise RolloutError(f"health clause {clause!r}: the bound {raw!r} must be a number (50), a percentage (1%) "
-                       f"or a multiple of the baseline (1.2*baseline)")
+                raise RolloutError(f"health clause {clause!r}: {metric} is not a rate; '%' is only for error_rate, "
+                                   f"field_accuracy and cpu_percent")
+        if metric in FRACTIONS and value > 1:
+            raise RolloutError(f"health clause {clause!r}: {metric} is a fraction (0.01) or a percentage (1%), "
+                               f"at most 1 (100%)")
+        return value, None, 0.0
+    raise RolloutError(f"health clause {clause!r}: the bound {raw!r} must be a number (50), a percentage (1%), "
+                       f"a multiple of the baseline (1.2*baseline) or the baseline plus or minus an offset "
+                       f"(baseline-1%)")
 
 
 def parse_health(text: str) -> HealthRule:
     """``p95_latency_ms<=1.2*baseline,error_rate<1%`` (also absolute: ``p95_latency_ms<=50``).
 
-    Metrics: p50/p95/p99_latency_ms, error_rate, cpu_percent. An empty text means no health rule.
+    Metrics: p50/p95/p99_latency_ms, error_rate, cpu_percent, drift, field_accuracy (e.g.
+    ``drift<0.2,field_accuracy>=baseline-1%``). An empty text means no health rule.
     """
     text = (text or "").strip()
     if not text:
@@ -244,8 +261,8 @@ def parse_health(text: str) -> HealthRule:
         if metric not in METRICS:
             raise RolloutError(f"health clause {part.strip()!r}: unknown metric {metric!r}; use one of "
                                f"{', '.join(METRICS)}")
-        value, factor = _parse_bound(metric, raw, part.strip())
-        clauses.append(Clause(metric, op, value, factor, part.strip()))
+        value, factor, offset = _parse_bound(metric, raw, part.strip())
+        clauses.append(Clause(metric, op, value, factor, part.strip(), offset))
     return HealthRule(tuple(clauses), text)
 
 
@@ -287,6 +304,9 @@ class Sample:
     count: int = 0
     errors: int = 0
     cpu: float | None = None
+    drift: float | None = None         # the device's drift score (PSI) for this interval's model
+    fb_labels: int | None = None       # cumulative feedback labels for this interval's model version
+    fb_correct: int | None = None      # ... of which the prediction was right
 
 
 @dataclass
@@ -296,11 +316,19 @@ class Observations:
     outcomes: dict[str, Outcome] = field(default_factory=dict)          # command id -> final answer
     telemetry: dict[str, list[Sample]] = field(default_factory=dict)    # device id -> samples
     busy: dict[str, str] = field(default_factory=dict)                  # device id -> other active rollout id
+    # Since when the observer (the server) has been listening without a gap. Silence and missing
+    # answers from before it are the server's own blindness (down, restarted, cut off from the
+    # broker), not the devices': timeouts and "stopped reporting" count from here at the earliest.
+    watching_since: float | None = None
+
+    def elapsed(self, since: float) -> float:
+        """Seconds the observer has waited for something that started at ``since``."""
+        return self.now - max(since, self.watching_since if self.watching_since is not None else since)
 
 
 DEPLOY_OK = ("installed",)
 DEPLOY_BAD = ("install_failed", "deploy_rejected")
-ROLLBACK_OK = ("rolled_back",)
+ROLLBACK_OK = ("rolled_back", "rollback_skipped")   # skipped: the device no longer ran it
 IGNORED_CODES = ("replayed",)    # our own re-send of a command the device had already taken
 
 
@@ -409,6 +437,7 @@ class RolloutState:
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     revision: int = 0                 # bumped by every save: concurrent writers detect each other
+    health: dict[str, Any] = field(default_factory=dict)   # the last soak's verdict: figures vs baseline
 
     @property
     def id(self) -> str:
@@ -434,7 +463,8 @@ class RolloutState:
                 "target_devices": sum(1 for r in self.devices.values() if r.state != D_EXCLUDED),
                 "model": self.spec.model, "versions": {p: b.get("version") for p, b in self.spec.bundles.items()},
                 "target": self.spec.target, "reason": self.reason, "breach": self.breach,
-                "created_at": self.spec.created_at, "updated_at": self.updated_at, "devices_by_state": counts}
+                "created_at": self.spec.created_at, "updated_at": self.updated_at, "devices_by_state": counts,
+                "health": self.health}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "spec": asdict(self.spec), "stage_counts": self.stage_counts, "then": self.then,
@@ -457,7 +487,8 @@ def state_from_dict(doc: dict[str, Any]) -> RolloutState:
                         soak_started_at=doc.get("soak_started_at"), reason=doc.get("reason", ""),
                         updated_at=doc.get("updated_at", 0.0), breach=doc.get("breach", ""), then=doc.get("then", ""),
                         devices={d["device_id"]: DeviceRecord.from_dict(d) for d in doc.get("devices", [])},
-                        history=list(doc.get("history", [])), revision=int(doc.get("revision", 0)))
+                        history=list(doc.get("history", [])), revision=int(doc.get("revision", 0)),
+                        health=dict(doc.get("health") or {}))
 
 
 def order_key(rollout_id: str, device_id: str) -> str:
@@ -535,12 +566,24 @@ def _figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum(int(s.get("count") or 0) for s in samples)
     out["requests"] = total
     out["error_rate"] = (sum(int(s.get("errors") or 0) for s in samples) / total) if total else None
+    out["drift"] = _median([float(s["drift"]) for s in samples if s.get("drift") is not None])
+    # Feedback counts are cumulative per device and model version: the latest sample of each device counts.
+    latest: dict[Any, tuple[int, int]] = {}
+    for s in samples:
+        if s.get("fb_labels") is not None and s.get("fb_correct") is not None:
+            latest[s.get("device")] = (int(s["fb_labels"]), int(s["fb_correct"]))
+    labels = sum(n for n, _ in latest.values())
+    out["field_labels"] = labels
+    out["field_accuracy"] = (sum(c for _, c in latest.values()) / labels) if labels >= FIELD_MIN_LABELS else None
     return out
 
 
-def _compact(sample: Sample) -> dict[str, Any]:
-    return {"p50": sample.p50, "p95": sample.p95, "p99": sample.p99, "count": sample.count,
-            "errors": sample.errors, "cpu": sample.cpu}
+def _compact(sample: Sample, device: str | None = None) -> dict[str, Any]:
+    doc = {"p50": sample.p50, "p95": sample.p95, "p99": sample.p99, "count": sample.count,
+           "errors": sample.errors, "cpu": sample.cpu}
+    if sample.drift is not None or sample.fb_labels is not None:
+        doc.update(drift=sample.drift, fb_labels=sample.fb_labels, fb_correct=sample.fb_correct, device=device)
+    return doc
 
 
 @dataclass(frozen=True)
@@ -566,16 +609,22 @@ def evaluate_health(rule: HealthRule, post: list[dict[str, Any]], baseline: list
         key = METRICS[clause.metric]
         observed, base = p.get(key), b.get(key)
         if observed is None:
-            notes.append(f"{clause.text}: no {clause.metric} reported")
+            if key == "field_accuracy" and p.get("field_labels"):
+                notes.append(f"{clause.text}: {p['field_labels']} feedback label(s), fewer than {FIELD_MIN_LABELS}: "
+                             f"not judged yet")
+            else:
+                notes.append(f"{clause.text}: no {clause.metric} reported")
             continue
         ok = clause.holds(observed, base)
-        fmt = (lambda v: f"{v:.2%}") if key == "error_rate" else (lambda v: f"{v:.1f}")
+        fmt = ((lambda v: f"{v:.2%}") if key in FRACTIONS else (lambda v: f"{v:.3f}") if key == "drift"
+               else (lambda v: f"{v:.1f}"))
         if ok is None:
             notes.append(f"{clause.text}: no baseline {clause.metric} (too little telemetry before the update)")
             continue
         bound = clause.bound(base)
         assert bound is not None
-        where = (f"{clause.factor:g} x baseline {fmt(base)} = {fmt(bound)}" if clause.factor is not None
+        shift = (f" {'+' if clause.offset > 0 else '-'} {fmt(abs(clause.offset))}" if clause.offset else "")
+        where = (f"{clause.factor:g} x baseline {fmt(base)}{shift} = {fmt(bound)}" if clause.factor is not None
                  else fmt(bound))
         text = f"{clause.metric} {fmt(observed)} (over {p['samples']} samples) {clause.op} {where}"
         if ok:
@@ -656,8 +705,11 @@ class RolloutMachine:
                 out.append(Action("deploy", r.device_id, r.command_id, dict(self.spec.bundles[r.profile]),
                                   f"rollout {self.state.id} stage {(r.stage or 0) + 1}"))
             elif r.unsent == "rollback":
+                bundle = self.spec.bundles[r.profile]
                 out.append(Action("rollback", r.device_id, r.rollback_command_id,
-                                  {"reason": r.reason or f"rollout {self.state.id} rolled back"}, r.reason))
+                                  {"reason": r.reason or f"rollout {self.state.id} rolled back",
+                                   "if_active": {"name": bundle.get("name"), "version": bundle.get("version")}},
+                                  r.reason))
             elif r.unsent == "cancel":
                 out.append(Action("cancel", r.device_id, r.command_id, {}, r.reason))
         return out
@@ -683,7 +735,7 @@ class RolloutMachine:
             if record.state == D_WAITING:
                 self._deploy(record, obs)
         stage = self._stage_records()
-        self._check_timeouts(stage, now)
+        self._check_timeouts(stage, obs)
         failed = [r for r in stage if r.state == D_FAILED]
         if self.bound.exceeded(len(failed), len(stage)):
             self._breach(self._failure_text(failed, stage), now)
@@ -703,14 +755,14 @@ class RolloutMachine:
         record.rollback_command_id, record.rollback_at = "", None
         start = obs.now - self.spec.baseline_window_s
         target = model_label(self.spec.bundles[record.profile])
-        record.baseline = [_compact(x) for x in obs.telemetry.get(record.device_id, [])
+        record.baseline = [_compact(x, record.device_id) for x in obs.telemetry.get(record.device_id, [])
                            if start <= x.ts < obs.now and x.model_version != target][-60:]
         self._changed = True
 
-    def _check_timeouts(self, records: list[DeviceRecord], now: float) -> None:
+    def _check_timeouts(self, records: list[DeviceRecord], obs: Observations) -> None:
         for r in records:
             if r.state == D_DEPLOYING and r.deployed_at is not None \
-                    and now - r.deployed_at > self.spec.install_timeout_s:
+                    and obs.elapsed(r.deployed_at) > self.spec.install_timeout_s:
                 r.state = D_FAILED
                 r.reason = f"no answer to the deploy within {self.spec.install_timeout_s:g} s"
                 self._changed = True
@@ -733,11 +785,11 @@ class RolloutMachine:
             problem = ""
             if seen is None or not seen.online:
                 problem = "went offline during the soak"
-            elif seen.last_seen is not None and now - seen.last_seen > self.spec.stale_after_s:
-                problem = f"stopped reporting ({now - seen.last_seen:.0f} s silent)"
+            elif seen.last_seen is not None and obs.elapsed(seen.last_seen) > self.spec.stale_after_s:
+                problem = f"stopped reporting ({obs.elapsed(seen.last_seen):.0f} s silent)"
             elif seen.model_version is not None and seen.model_version != target and (
                     (seen.model_ts is not None and r.installed_at is not None and seen.model_ts > r.installed_at)
-                    or now - (r.installed_at or now) > self.spec.stale_after_s):
+                    or obs.elapsed(r.installed_at or now) > self.spec.stale_after_s):
                 problem = f"now runs v{seen.model_version}, not v{target} (rolled back on the device?)"
             if problem:
                 r.state, r.reason = D_FAILED, problem
@@ -747,6 +799,7 @@ class RolloutMachine:
             self._breach(self._failure_text(failed, stage), now)
             return
         verdict = self._health(obs, [r for r in stage if r.state == D_INSTALLED])
+        self._record_health(verdict)
         if verdict.violations:
             self._breach(f"stage {s.stage + 1}: health rule {self.rule} violated: " + "; ".join(verdict.violations),
                          now)
@@ -755,6 +808,10 @@ class RolloutMachine:
             s.soak_started_at = now
         if now - s.soak_started_at < self.spec.soak_s:
             return
+        if obs.watching_since is not None and any(
+                (seen := obs.devices.get(r.device_id)) is not None and seen.last_seen is not None
+                and seen.last_seen < obs.watching_since for r in stage if r.state == D_INSTALLED):
+            return      # back after a gap: end the soak once every updated device was heard since
         health = "; ".join(verdict.notes)
         if s.stage + 1 >= len(s.stage_counts):
             done = sum(1 for r in s.devices.values() if r.state == D_INSTALLED)
@@ -773,10 +830,19 @@ class RolloutMachine:
         for r in updated:
             target = model_label(self.spec.bundles[r.profile])
             since = r.installed_at if r.installed_at is not None else (r.deployed_at or 0.0)
-            post += [_compact(x) for x in obs.telemetry.get(r.device_id, [])
+            post += [_compact(x, r.device_id) for x in obs.telemetry.get(r.device_id, [])
                      if x.ts >= since and x.model_version == target]
             baseline += r.baseline
         return evaluate_health(self.rule, post, baseline, self.spec.min_samples)
+
+    def _record_health(self, verdict: HealthVerdict) -> None:
+        """Keep the stage's verdict (pooled figures of its updated devices vs their baseline) for status views."""
+        health = {"stage": self.state.stage + 1, "rule": self.rule.text, "judged": verdict.judged,
+                  "post": verdict.post, "baseline": verdict.baseline, "notes": list(verdict.notes),
+                  "violations": list(verdict.violations)}
+        if health != self.state.health:
+            self.state.health = health
+            self._changed = True
 
     def _breach(self, text: str, now: float) -> None:
         self.state.breach = text
@@ -786,7 +852,9 @@ class RolloutMachine:
     def _roll_back_all(self, now: float, reason: str, *, final: str) -> None:
         s = self.state
         for r in s.devices.values():
-            if r.state == D_INSTALLED:
+            # A device that installed and then failed (went silent, offline, or back on its own)
+            # may still run the new model: it is asked too, on the condition that it does.
+            if r.state == D_INSTALLED or (r.state == D_FAILED and r.installed_at is not None):
                 self._rollback(r, reason, now)
             elif r.state == D_DEPLOYING:
                 if r.unsent == "deploy":       # never published: nothing to withdraw
@@ -807,12 +875,12 @@ class RolloutMachine:
         now = obs.now
         for r in self.state.devices.values():
             if r.state == D_ROLLING_BACK and r.rollback_at is not None \
-                    and now - r.rollback_at > self.spec.install_timeout_s:
+                    and obs.elapsed(r.rollback_at) > self.spec.install_timeout_s:
                 r.state = D_ROLLBACK_FAILED
                 r.reason = f"no answer to the rollback within {self.spec.install_timeout_s:g} s"
                 self._changed = True
             elif r.state == D_DEPLOYING and r.deployed_at is not None \
-                    and now - r.deployed_at > self.spec.install_timeout_s:
+                    and obs.elapsed(r.deployed_at) > self.spec.install_timeout_s:
                 r.state, r.reason = D_CANCELLED, (f"no answer to the withdrawn deploy within "
                                                   f"{self.spec.install_timeout_s:g} s")
                 self._changed = True

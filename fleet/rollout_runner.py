@@ -10,6 +10,13 @@ Commands go to each device's own command topic, retained, signed with the operat
 same code as ``litefleet push`` (:func:`fleet.push.publish_command`), so an offline device gets
 its deploy (or rollback) when it returns, within the command's TTL. A deploy withdrawn by a
 breach is cleared from the broker with an empty retained message on that topic.
+
+What the server did not see is not held against the devices: a server that was down (or cut off
+from the broker) longer than ``--stale-after`` or ``--install-timeout`` would otherwise find every
+device "silent" and every pending install "late" on its first step after coming back, and abort a
+healthy rollout. So the runner tells the machine since when it has been listening without a gap
+(:meth:`RolloutRunner.watching_since`), and silences and waits are counted from there at the
+earliest, while the broker redelivers what the devices said meanwhile.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ def device_obs(doc: dict[str, Any]) -> DeviceObs:
 
 def sample(row: dict[str, Any]) -> Sample:
     return Sample(float(row["ts"]), row.get("model_version") or "", row.get("p50_ms"), row.get("p95_ms"),
-                  row.get("p99_ms"), int(row.get("count") or 0), int(row.get("errors") or 0), row.get("cpu_percent"))
+                  row.get("p99_ms"), int(row.get("count") or 0), int(row.get("errors") or 0), row.get("cpu_percent"),
+                  row.get("drift"), row.get("feedback_labels"), row.get("feedback_correct"))
 
 
 def matching_devices(store: Any, target: str) -> list[DeviceObs]:
@@ -116,6 +124,8 @@ class RolloutRunner:
         self.clock = clock
         self.stats = {"ticks": 0, "sent": 0, "send_failures": 0, "conflicts": 0, "errors": 0}
         self.last_error = ""
+        self._watching_since: float | None = None
+        self._connection: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,9 +195,22 @@ class RolloutRunner:
                 self.stats["conflicts"] += 1
         return state
 
+    def watching_since(self) -> float:
+        """Since when this runner has been connected without a gap: its first look, or the broker's last
+        CONNACK after that. While it is cut off: now (nothing counts as late while the server is deaf)."""
+        now = self.clock()
+        if not getattr(self.link, "connected", True):
+            self._watching_since = None
+            return now
+        connection = getattr(self.link, "connect_info", None)    # a new object on every CONNACK
+        if self._watching_since is None or connection is not self._connection:
+            self._watching_since, self._connection = now, connection
+        return self._watching_since
+
     def observe(self, machine: RolloutMachine) -> Observations:
         state = machine.state
         now = self.clock()
+        watching_since = self.watching_since()
         ours = set(state.devices)
         devices = {d.device_id: d for d in map(device_obs, self.store.devices()) if d.device_id in ours}
         outcomes = {}
@@ -205,7 +228,7 @@ class RolloutRunner:
         telemetry = {d: [sample(r) for r in self.store.telemetry(d, since=now - window, until=now + 60,
                                                                    resolution="raw")]
                      for d in sorted(wanted)}
-        return Observations(now, devices, outcomes, telemetry)
+        return Observations(now, devices, outcomes, telemetry, watching_since=watching_since)
 
     # commands ------------------------------------------------------------------------------
 

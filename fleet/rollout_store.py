@@ -22,7 +22,7 @@ from fleet.rollout import (FINAL_STATES, D_EXCLUDED, DeviceObs, DeviceRecord, Ro
                            RolloutSpec, RolloutState, plan, state_from_dict)
 
 _STATE_KEYS = ("state", "stage_index", "stage_counts", "stage_started_at", "soak_started_at", "reason",
-               "updated_at", "breach", "then", "history")
+               "updated_at", "breach", "then", "history", "health")
 MAX_HISTORY = 200
 
 
@@ -36,6 +36,19 @@ class RolloutNotFound(StoreError):
 
 def _dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _progress(spec: dict[str, Any], head: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    """A list row's stage, sizes, versions and verdict from the stored spec and state (no device rows)."""
+    stage_counts = [int(n) for n in head.get("stage_counts") or []]
+    index = int(head.get("stage_index") or 0)
+    return {"stage": index + 1 if stage_counts else 0, "stages": len(stage_counts), "stage_counts": stage_counts,
+            "stage_target": stage_counts[min(index, len(stage_counts) - 1)] if stage_counts else 0,
+            "target_devices": sum(n for state, n in counts.items() if state != D_EXCLUDED),
+            "versions": {p: b.get("version") for p, b in (spec.get("bundles") or {}).items()},
+            "breach": head.get("breach", ""), "health": head.get("health") or {},
+            "soak_s": spec.get("soak_s"), "stage_started_at": head.get("stage_started_at"),
+            "soak_started_at": head.get("soak_started_at"), "devices_by_state": counts}
 
 
 class RolloutStore:
@@ -83,21 +96,24 @@ class RolloutStore:
         return state
 
     def list(self, *, states: tuple[str, ...] | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Summaries, newest first (no device rows: cheap for a list)."""
+        """Summaries, newest first: the fields of :meth:`RolloutState.summary` (stage of N, versions, breach,
+        last health verdict) plus the stage sizes and soak times a progress view needs, read without the
+        device rows (cheap for a list the dashboard polls)."""
         where, params = "", []
         if states:
             where = f" WHERE state IN ({','.join('?' * len(states))})"
             params = list(states)
         with self.db.transaction() as tx:
             rows = tx.query_dicts("SELECT id, fleet, model, target, state, reason, created_at, updated_at, "
-                                  f"revision FROM rollouts{where} ORDER BY created_at DESC, id LIMIT ?",
-                                  params + [int(limit)])
+                                  f"revision, spec_json, state_json FROM rollouts{where} "
+                                  "ORDER BY created_at DESC, id LIMIT ?", params + [int(limit)])
             counts = tx.query("SELECT rollout_id, state, COUNT(*) FROM rollout_devices GROUP BY rollout_id, state")
         by: dict[str, dict[str, int]] = {}
         for rid, st, n in counts:
             by.setdefault(rid, {})[st] = int(n)
         for row in rows:
-            row["devices_by_state"] = by.get(row["id"], {})
+            spec, head = json.loads(row.pop("spec_json")), json.loads(row.pop("state_json"))
+            row.update(_progress(spec, head, by.get(row["id"], {})))
         return rows
 
     def active_ids(self) -> list[str]:

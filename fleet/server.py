@@ -40,6 +40,7 @@ class ServerOptions:
     rollup_interval_s: float = 300.0
     alert_interval_s: float = 30.0
     stats_interval_s: float = 60.0
+    drift_threshold: float = 0.2       # drift score (PSI) over which a device is flagged (docs/quality.md)
     merge_window_s: float = 1.0
 
 
@@ -93,10 +94,13 @@ class FleetServer:
         if self.options.http_port >= 0:
             self.token = ensure_token(self.options.data_dir)
             api = MountedApi(ServerApi(self.store, self.token, ingest_stats=stats,
-                                       metrics_token=self.options.metrics_token),
+                                       metrics_token=self.options.metrics_token, blob_store=self.blob_store,
+                                       drift_threshold=self.options.drift_threshold),
                              RolloutApi(self.store, fleet=self.fleet, blob_store=self.blob_store))
             self.api = ApiServer(api, self.options.http_host, self.options.http_port).start()
-        self.alerts = AlertEngine(self.store, profiles_dir=self.profiles_dir,
+        from fleet.alerts import AlertConfig
+        self.alerts = AlertEngine(self.store, AlertConfig(drift_threshold=self.options.drift_threshold),
+                                  profiles_dir=self.profiles_dir,
                                   on_open=lambda alert: log.warning("alert: %s", alert.get("message")))
         self.alerts.start(interval_s=self.options.alert_interval_s)
         if self.operator_key is not None:

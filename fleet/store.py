@@ -47,7 +47,8 @@ NO_MODEL = "no model"        # series label of telemetry sent while no model was
 _T, _B, _D = "text", "bigint", "double precision"
 RAW_COLS = (("device_id", _T), ("seq", _B), ("ts", _D), ("model_version", _T), ("p50_ms", _D), ("p95_ms", _D),
             ("p99_ms", _D), ("inferences_per_s", _D), ("inf_count", _B), ("inf_errors", _B), ("cpu_percent", _D),
-            ("temperature_c", _D), ("memory_percent", _D), ("data", _T))
+            ("temperature_c", _D), ("memory_percent", _D), ("data", _T),
+            ("drift_score", _D), ("fb_labels", _B), ("fb_correct", _B))
 EVENT_COLS = (("device_id", _T), ("seq", _B), ("ts", _D), ("kind", _T), ("reason", _T), ("command_id", _T),
               ("details", _T))
 _SEQ_COLS = (("device_id", _T), ("min_seq", _B), ("max_seq", _B), ("received", _B))
@@ -185,7 +186,76 @@ def _telemetry_row(device_id: str, seq: int, ts: float, doc: dict, keep_document
     return (device_id, seq, ts, label, _num(lat.get("p50")), _num(lat.get("p95")), _num(lat.get("p99")),
             _num(inf.get("inferences_per_s")), _int(inf.get("count")), _int(inf.get("errors")),
             _num(sysm.get("cpu_percent")), _num(sysm.get("temperature_c")), mem,
-            _dumps(doc) if keep_document else None)
+            _dumps(doc) if keep_document else None, *_quality_figures(doc))
+
+
+# --------------------------------------------------------------------------- model quality
+
+_NO_QUALITY = (None, None, None)
+MAX_CLASSES = 1000          # a larger confusion matrix is not stored (it would not fit a message anyway)
+
+
+def _confusion(value: Any) -> list[list[int]] | None:
+    """A square matrix of non-negative ints (rows = true label, columns = predicted), else None."""
+    if value.__class__ is not list or not 0 < len(value) <= MAX_CLASSES:
+        return None
+    n = len(value)
+    for row in value:
+        if row.__class__ is not list or len(row) != n:
+            return None
+        for v in row:
+            if v.__class__ is not int or v < 0 or v > MAX_BIGINT:
+                return None
+    return value
+
+
+def _quality_figures(doc: dict) -> tuple:
+    """(drift score, labels, correct) of a telemetry DOC's ``drift`` and ``feedback`` (contract in docs/quality.md)."""
+    drift = doc.get("drift")
+    feedback = doc.get("feedback")
+    if drift is None and feedback is None:
+        return _NO_QUALITY
+    score = _num(drift.get("score")) if drift.__class__ is dict else None
+    labels = correct = None
+    if feedback.__class__ is dict:
+        matrix = _confusion(feedback.get("confusion"))
+        if matrix is not None:
+            labels = sum(sum(row) for row in matrix)
+            correct = sum(matrix[i][i] for i in range(len(matrix)))
+    return (score, labels, correct)
+
+
+def _model_ref(part: dict, doc: dict) -> tuple[str, int] | None:
+    """(name, version) a drift/feedback report is about: its own ``model``, else the telemetry's."""
+    for model in (part.get("model"), doc.get("model")):
+        if model.__class__ is dict:
+            name, version = _text(model.get("name")), _int(model.get("version"))
+            if name and version is not None:
+                return name, version
+    return None
+
+
+def _quality_rows(reports: list[tuple[str, float, dict]]) -> list[tuple]:
+    """model_quality upsert rows from (device_id, ts, telemetry DOC): the newest drift and feedback per key."""
+    merged: dict[tuple[str, str, int], list] = {}
+    for device_id, ts, doc in reports:
+        drift, feedback = doc.get("drift"), doc.get("feedback")
+        if drift.__class__ is dict and _num(drift.get("score")) is not None:
+            ref = _model_ref(drift, doc)
+            if ref is not None:
+                row = merged.setdefault((device_id, *ref), [None] * 10)
+                if row[0] is None or ts >= row[0]:
+                    row[0:5] = [ts, _num(drift.get("score")), _num(drift.get("inputs")), _num(drift.get("outputs")),
+                                _int(drift.get("window"))]
+        if feedback.__class__ is dict:
+            matrix = _confusion(feedback.get("confusion"))
+            ref = _model_ref(feedback, doc)
+            if matrix is not None and ref is not None:
+                row = merged.setdefault((device_id, *ref), [None] * 10)
+                if row[5] is None or ts >= row[5]:
+                    row[5:10] = [ts, _int(feedback.get("labels")), _int(feedback.get("unmatched")), len(matrix),
+                                 _dumps(matrix)]
+    return [(*key, *values) for key, values in merged.items()]
 
 
 def _valid_key(device_id: Any, seq: Any, ts: Any) -> bool:
@@ -316,13 +386,17 @@ class Store:
         rejected = 0
         keep = self.keep_documents
         tel_rows: dict[tuple[str, int], tuple] = {}
+        with_quality: set[tuple[str, int]] = set()     # rows carrying a drift or feedback report
         for device_id, seq, ts, doc in batch.telemetry:
             if not _valid_key(device_id, seq, ts):
                 rejected += 1
                 continue
             if (device_id, seq) not in tel_rows:
                 doc = _obj(doc)
-                tel_rows[(device_id, seq)] = (_telemetry_row(_text(device_id), seq, float(ts), doc, keep), doc)
+                row = _telemetry_row(_text(device_id), seq, float(ts), doc, keep)
+                tel_rows[(device_id, seq)] = (row, doc)
+                if row[14] is not None or row[15] is not None:
+                    with_quality.add((device_id, seq))
         ev_rows: dict[tuple[str, int], tuple] = {}
         for device_id, seq, ts, msg in batch.events:
             if not _valid_key(device_id, seq, ts):
@@ -349,6 +423,8 @@ class Store:
             inserted_ev = self.db.insert_rows(tx, "events", EVENT_COLS, list(ev_rows.values()),
                                        tail="ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq, ts",
                                        returning=True)
+            # Upserts below go in device order, so that two writers (shared subscriptions) lock
+            # the same rows in the same order and never deadlock each other.
             # Per device: the range and number of sequence numbers actually inserted.
             # Telemetry and events share one sequence space per device.
             seqs: dict[str, list[int]] = {}
@@ -368,13 +444,19 @@ class Store:
                     ev_seen[device_id] = ts
             if seqs:
                 self.db.insert_rows(tx, "device_seq", _SEQ_COLS,
-                             [(d, s[0], s[1], s[2]) for d, s in seqs.items()],
+                             [(d, s[0], s[1], s[2]) for d, s in sorted(seqs.items())],
                              tail="ON CONFLICT (device_id) DO UPDATE SET "
                                   "min_seq = CASE WHEN excluded.min_seq < device_seq.min_seq "
                                   "THEN excluded.min_seq ELSE device_seq.min_seq END, "
                                   "max_seq = CASE WHEN excluded.max_seq > device_seq.max_seq "
                                   "THEN excluded.max_seq ELSE device_seq.max_seq END, "
                                   "received = device_seq.received + excluded.received")
+            # Drift and feedback reports of the inserted rows: the latest per device and model version.
+            reports = [(key[0], tel_rows[(key[0], key[1])][0][2], tel_rows[(key[0], key[1])][1])
+                       for key in inserted_tel if (key[0], key[1]) in with_quality] if with_quality else None
+            if reports:
+                self.db.insert_rows(tx, "model_quality", _QUALITY_COLS, sorted(_quality_rows(reports)),
+                                    tail=_QUALITY_UPSERT)
             # Latest telemetry per device among the inserted rows.
             latest: dict[str, tuple] = {}
             for key in inserted_tel:
@@ -385,11 +467,11 @@ class Store:
             if latest:
                 self.db.insert_rows(tx, "devices", _LATEST_COLS,
                              [self._latest_row(row, doc, seen=max(row[2], ev_seen.pop(d, -math.inf)))
-                              for d, (row, doc) in latest.items()],
+                              for d, (row, doc) in sorted(latest.items())],
                              tail=_LATEST_UPSERT)
             if ev_seen:
                 self.db.insert_rows(tx, "devices", (("device_id", "text"), ("last_seen", "double precision")),
-                                    list(ev_seen.items()),
+                                    sorted(ev_seen.items()),
                              tail="ON CONFLICT (device_id) DO UPDATE SET last_seen = CASE WHEN devices.last_seen "
                                   "IS NULL OR excluded.last_seen > devices.last_seen THEN excluded.last_seen "
                                   "ELSE devices.last_seen END")
@@ -420,7 +502,8 @@ class Store:
         runtime = _obj(msg.get("runtime"))
         engine = _obj(msg.get("engine"))
         groups = [str(g) for g in msg.get("groups") or [] if isinstance(g, str)]
-        birth = {k: msg.get(k) for k in ("engine", "hardware", "runtime", "delegates_available", "active_model")}
+        birth = {k: msg.get(k) for k in ("engine", "hardware", "runtime", "delegates_available", "active_model",
+                                         "public_keys")}
         return ("online", _text(device_id), ts, _text(msg.get("fleet")), _text(msg.get("profile")),
                 _dumps(groups), _dumps(_obj(msg.get("labels"))), _text(msg.get("agent_version")),
                 _text(model.get("name")) or None if model else None, _int(model.get("version")) if model else None,
@@ -484,6 +567,15 @@ class Store:
         d["hardware"] = birth.get("hardware") or {}
         return d
 
+    def device_keys(self) -> list[dict]:
+        """Every device's reported public keys (from its latest birth; kept while it is offline), by id."""
+        with self.db.transaction() as tx:
+            rows = tx.query_dicts("SELECT device_id, fleet, profile, groups_json, online, status_ts, birth_json "
+                                  "FROM devices ORDER BY device_id", [])
+        return [{"device_id": r["device_id"], "fleet": r["fleet"], "profile": r["profile"],
+                 "groups": _loads(r["groups_json"], []), "online": bool(r["online"]), "status_ts": r["status_ts"],
+                 "public_keys": _obj(_loads(r["birth_json"], {}).get("public_keys"))} for r in rows]
+
     def _pending(self, tx: Tx, device_id: str | None = None) -> dict[str, dict]:
         """device_id -> the deployment in progress (its last deploy event is accepted/progress)."""
         marks = ",".join("?" * len(DEPLOY_KINDS))
@@ -524,6 +616,9 @@ class Store:
             "cpu_percent": r["cpu_percent"], "temperature_c": r["temperature_c"],
             "memory_percent": r["memory_percent"], "pending_deployment": pending,
             "received": int(r["received"] or 0), "lost": lost,
+            "drift": ({"score": r["drift_score"], "inputs": r["drift_inputs"], "outputs": r["drift_outputs"],
+                       "window": r["drift_window"], "ts": r["drift_ts"]} if r.get("drift_score") is not None else None),
+            "feedback_labels": r.get("fb_labels"),
         }
 
     # reads: telemetry --------------------------------------------------------------------
@@ -560,8 +655,8 @@ class Store:
         with self.db.transaction() as tx:
             rows = tx.query_dicts(
                 "SELECT device_id, seq, ts, model_version, p50_ms, p95_ms, p99_ms, inferences_per_s, "
-                "inf_count, inf_errors, cpu_percent, temperature_c, memory_percent, data FROM telemetry_raw "
-                f"WHERE {where} ORDER BY ts, device_id", params)
+                "inf_count, inf_errors, cpu_percent, temperature_c, memory_percent, data, drift_score, fb_labels, "
+                f"fb_correct FROM telemetry_raw WHERE {where} ORDER BY ts, device_id", params)
         for r in rows:
             data = r.pop("data")
             if data is not None:
@@ -569,6 +664,9 @@ class Store:
             r["model_version"] = r["model_version"] or None
             r["count"] = r.pop("inf_count")
             r["errors"] = r.pop("inf_errors")
+            r["drift"] = r.pop("drift_score")
+            r["feedback_labels"] = r.pop("fb_labels")
+            r["feedback_correct"] = r.pop("fb_correct")
             r["resolution"] = "raw"
         return rows
 
@@ -657,6 +755,45 @@ class Store:
             # by=all merges model versions: rates add up, latencies average.
             out[label] = [(t, sum(v) if metric == "inferences_per_s" else sum(v) / len(v))
                           for t, v in sorted(points.items())]
+        return out
+
+    # reads: model quality ---------------------------------------------------------------
+
+    def quality(self, *, model_name: str | None = None, model_version: int | None = None,
+                device_id: str | None = None) -> list[dict]:
+        """Latest drift and cumulative confusion per device and model version (docs/quality.md).
+
+        Rows sorted by model, version, device: ``device_id``, ``model_name``, ``model_version``,
+        ``drift`` ({score, inputs, outputs, window, ts} or None) and ``feedback`` ({labels,
+        unmatched, classes, confusion, ts} or None), plus the device's ``profile`` and whether it
+        runs that version now (``current``).
+        """
+        clauses, params = [], []
+        for col, value in (("q.model_name", model_name), ("q.model_version", model_version),
+                           ("q.device_id", device_id)):
+            if value is not None:
+                clauses.append(f"{col} = ?")
+                params.append(value)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self.db.transaction() as tx:
+            rows = tx.query_dicts(
+                "SELECT q.*, d.profile, d.model_name AS cur_name, d.model_version AS cur_version FROM model_quality q "
+                f"LEFT JOIN devices d ON d.device_id = q.device_id{where} "
+                "ORDER BY q.model_name, q.model_version, q.device_id", params)
+        out = []
+        for r in rows:
+            drift = None
+            if r["drift_score"] is not None:
+                drift = {"score": r["drift_score"], "inputs": r["drift_inputs"], "outputs": r["drift_outputs"],
+                         "window": r["drift_window"], "ts": r["drift_ts"]}
+            feedback = None
+            if r["confusion_json"]:
+                feedback = {"labels": r["labels"], "unmatched": r["unmatched"], "classes": r["classes"],
+                            "confusion": _loads(r["confusion_json"], []), "ts": r["feedback_ts"]}
+            out.append({"device_id": r["device_id"], "model_name": r["model_name"],
+                        "model_version": int(r["model_version"]), "profile": r["profile"] or "",
+                        "current": r["cur_name"] == r["model_name"] and r["cur_version"] == r["model_version"],
+                        "drift": drift, "feedback": feedback})
         return out
 
     # reads: events, losses, counts ------------------------------------------------------
@@ -839,7 +976,27 @@ _LATEST_UPSERT = (
 )
 
 _DEVICE_SELECT = (
-    "SELECT d.*, s.min_seq, s.max_seq, s.received FROM devices d LEFT JOIN device_seq s ON s.device_id = d.device_id"
+    "SELECT d.*, s.min_seq, s.max_seq, s.received, q.drift_ts, q.drift_score, q.drift_inputs, q.drift_outputs, "
+    "q.drift_window, q.labels AS fb_labels FROM devices d LEFT JOIN device_seq s ON s.device_id = d.device_id "
+    "LEFT JOIN model_quality q ON q.device_id = d.device_id AND q.model_name = d.model_name "
+    "AND q.model_version = d.model_version"
+)
+
+_QUALITY_COLS = (("device_id", _T), ("model_name", _T), ("model_version", _B), ("drift_ts", _D), ("drift_score", _D),
+                 ("drift_inputs", _D), ("drift_outputs", _D), ("drift_window", _B), ("feedback_ts", _D),
+                 ("labels", _B), ("unmatched", _B), ("classes", _B), ("confusion_json", _T))
+
+
+def _newer(ts: str, cols: tuple[str, ...]) -> str:
+    cond = (f"excluded.{ts} IS NOT NULL AND (model_quality.{ts} IS NULL OR excluded.{ts} >= model_quality.{ts})")
+    return ", ".join(f"{c} = CASE WHEN {cond} THEN excluded.{c} ELSE model_quality.{c} END" for c in cols)
+
+
+# Drift and feedback are reported independently: each half is replaced only by a newer report of its kind.
+_QUALITY_UPSERT = (
+    "ON CONFLICT (device_id, model_name, model_version) DO UPDATE SET "
+    + _newer("drift_ts", ("drift_score", "drift_inputs", "drift_outputs", "drift_window", "drift_ts")) + ", "
+    + _newer("feedback_ts", ("labels", "unmatched", "classes", "confusion_json", "feedback_ts"))
 )
 
 

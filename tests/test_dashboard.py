@@ -52,6 +52,8 @@ DIGITS_V4 = {"name": "digits", "version": 4, "sha256": "4c" * 32}
 #   {"event": {"kind", "reason", "command_id", "details"}}  publish an event
 #   {"model": {...} | null, "engine": {...}?}                 switch model, publish a new birth
 #   {"p95": ms} / {"temperature": C}                          change what the next telemetry reports
+#   {"extra": {...}}                                          merged into every telemetry document from now
+#                                                             (drift and feedback reports, docs/quality.md)
 # Prints "ready" once its birth is acknowledged, "ack <seq>" after each event's PUBACK.
 DEVICE_SIM = r'''
 import json, random, sys, tempfile, threading, time
@@ -110,7 +112,7 @@ def commands():
             state["engine"] = cmd.get("engine", state["engine"])
             link.publish(str(topics.status(me)), messages.encode(birth()), qos=1, retain=True).wait(10)
             print("ack birth", flush=True)
-        for key in ("p95", "temperature"):
+        for key in ("p95", "temperature", "extra"):
             if key in cmd:
                 state[key] = cmd[key]
                 print("ack", key, flush=True)
@@ -127,6 +129,7 @@ while True:
     doc = collect(metrics, state["model"], state["engine"] if state["model"] else None,
                   state_dir=state_dir, started_at=started)
     doc["system"]["temperature_c"] = state["temperature"]        # no thermal sensor here
+    doc.update(state.get("extra") or {})
     s = next_seq()
     msg = {"v": 1, "device_id": me, "seq": s, "ts": time.time(), "data": doc}
     link.publish(str(topics.telemetry(me)), messages.encode(msg), qos=1)
@@ -223,6 +226,7 @@ def fleet_env(mosquitto_factory, tmp_path) -> Iterator[FleetEnv]:  # noqa: F811 
     from agent.mqtt import MqttLink
     from fleet.alerts import AlertEngine
     from fleet.api import ApiServer, ServerApi
+    from fleet.api_rollouts import MountedApi, RolloutApi
     from fleet.ingest import Ingestor
     from fleet.store import open_store
 
@@ -236,7 +240,9 @@ def fleet_env(mosquitto_factory, tmp_path) -> Iterator[FleetEnv]:  # noqa: F811 
     assert link.wait_connected(15), f"ingest cannot connect to {broker.url}: {link.last_error}"
     alerts = AlertEngine(store, max_temperatures={"rpi4-cpu": 80.0, "jetson-gpu": 90.0})
     alerts.start(interval_s=0.5)
-    server = ApiServer(ServerApi(store, TOKEN, ingest_stats=ingest.stats), port=0).start()
+    # the API as `litefleet server` composes it: the fleet's routes and the rollouts'
+    server = ApiServer(MountedApi(ServerApi(store, TOKEN, ingest_stats=ingest.stats),
+                                  RolloutApi(store, fleet=FLEET)), port=0).start()
     env = FleetEnv(broker, store, server.url, str(tmp_path / "fleet.db"))
     try:
         yield env
@@ -482,3 +488,169 @@ def test_wrong_token_and_unreachable_server_show_a_banner(fleet_env, browser, sh
     assert row(page, "cam-1").count() == 1
     page.screenshot(path=str(shots / "unreachable.png"), full_page=True)
     ctx.close()
+
+
+# Rollouts ------------------------------------------------------------------------------------------
+
+def api_post(env: FleetEnv, path: str, doc: dict) -> dict:
+    import urllib.request
+    request = urllib.request.Request(env.api_url + path, data=json.dumps(doc).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def rollout_item(rollout_id: str) -> str:
+    return f'#rollout-list li[data-rollout="{rollout_id}"]'
+
+
+def test_rollouts_show_their_stage_health_and_why_they_stopped_live(fleet_env, browser, shots, keys_dir):
+    """A rollout created through the API and driven by the real runner (signed commands over the real
+    broker; the simulated devices answer with the events a real agent sends) appears with its stage
+    and progress, shows health against the baseline while soaking, and, once aborted with a reason,
+    shows that reason: all without reloading the page."""
+    from agent.mqtt import MqttLink
+    from agent.protocol import keys
+    from fleet.rollout_runner import RolloutRunner
+    from fleet.rollout_store import RolloutStore
+
+    env = fleet_env
+    devices = {d: env.device(d, model=DIGITS_V2, p95=5.0) for d in ("cam-1", "cam-2", "cam-3")}
+    link = MqttLink(env.broker.url, "rollout-runner-test", backoff=(0.1, 1.0))
+    link.start()
+    assert link.wait_connected(15)
+    runner = RolloutRunner(env.store, link, FLEET, keys.load_private(keys_dir / "operator.key"),
+                           interval_s=0.2).start()
+    rollouts = RolloutStore(env.store)
+    ctx, page, console = new_page(browser)
+    try:
+        page.goto(env.url("/"))
+        page.locator("#rollout-list li.empty", has_text="No rollouts yet").wait_for()  # not the "loading…" line
+        row(page, "cam-3").wait_for()                     # every device is in the store: the target is whole
+
+        created = api_post(env, "/api/v1/rollouts", {
+            "id": "ro-digits-v4", "target": "group:lab", "stages": "1,100%", "soak_s": 600,
+            "health": "p95_latency_ms<=3*baseline", "min_samples": 2, "baseline_window_s": 120,
+            "max_failures": "0", "install_timeout_s": 120, "stale_after_s": 60,
+            "bundles": {"rpi4-cpu": {"blob": "4c" * 32, "name": "digits", "version": 4, "profile": "rpi4-cpu",
+                                     "model_sha256": "4c" * 32}}})["rollout"]
+        assert created["stages"] == 2 and created["target_devices"] == 3
+        item = page.locator(rollout_item("ro-digits-v4"))
+        wait_for(page, "() => document.querySelector('#rollout-list li[data-rollout=\"ro-digits-v4\"]')"
+                       "?.dataset.state === 'deploying'")
+        assert item.get_attribute("data-stage") == "1" and item.get_attribute("data-stages") == "2"
+        text = item.inner_text()
+        assert "digits v4" in text and "target group:lab" in text and "stage 1 of 2" in text
+        assert "0 installed / 1 in stage / 3 devices" in text
+        edges = item.locator(".rollout-bar i.edge").evaluate_all("els => els.map(e => [e.className, e.style.left])")
+        assert edges == [["edge current", "33.3333%"]]                # stage 1 ends at 1 of 3 devices
+
+        # The canary installs (as an agent reports it); the rollout soaks and judges its health.
+        state = wait_for_state(rollouts, "ro-digits-v4", lambda s: all(not r.unsent for r in s.devices.values()
+                                                                     if r.command_id))
+        (canary,) = [r for r in state.devices.values() if r.command_id]
+        dev = devices[canary.device_id]
+        dev.send(model=DIGITS_V4)
+        dev.event("installed", "digits v4 active", canary.command_id, name="digits", version=4, sha256="4c" * 32)
+        wait_for(page, "() => { const li = document.querySelector('#rollout-list li[data-rollout=\"ro-digits-v4\"]');"
+                       " return li && li.dataset.state === 'soaking' && li.dataset.installed === '1'"
+                       " && /p95 5\\.00 ms vs baseline 5\\.00 ms .* within p95_latency_ms<=3\\*baseline/"
+                       ".test(li.querySelector('.rollout-health')?.textContent); }")
+        text = item.inner_text()
+        assert "1 installed / 1 in stage / 3 devices" in text and "soaking" in text
+        assert "of 600 s" in text
+        widths = item.locator(".rollout-bar span").evaluate_all("els => els.map(e => [e.className, e.style.width])")
+        assert widths == [["installed", "33.3333%"]]
+        page.screenshot(path=str(shots / "rollout-soaking.png"), full_page=True)
+
+        # The operator aborts it with a reason: the page says why, and follows the rollback.
+        api_post(env, "/api/v1/rollouts/ro-digits-v4/abort", {"reason": "labels look wrong on line 2"})
+        wait_for(page, "() => { const li = document.querySelector('#rollout-list li[data-rollout=\"ro-digits-v4\"]');"
+                       " return li && li.dataset.state === 'rolling_back'; }")
+        assert "labels look wrong on line 2" in item.locator(".rollout-reason").inner_text()
+        state = wait_for_state(rollouts, "ro-digits-v4",
+                               lambda s: s.devices[canary.device_id].rollback_command_id
+                               and not s.devices[canary.device_id].unsent)
+        dev.send(model=DIGITS_V2)
+        dev.event("rolled_back", "rolled back from v4 to digits v2: labels look wrong on line 2",
+                  state.devices[canary.device_id].rollback_command_id, name="digits", version=2)
+        wait_for(page, "() => document.querySelector('#rollout-list li[data-rollout=\"ro-digits-v4\"]')"
+                       "?.dataset.state === 'aborted'")
+        reason = item.locator(".rollout-reason").inner_text()
+        assert reason.startswith("Stopped:") and "labels look wrong on line 2" in reason
+        assert "1 device(s) rolled back" in reason
+        assert "1 rolled back" in item.inner_text() and "aborted" in item.locator(".tag.state").inner_text()
+        assert item.get_attribute("class") == "stopped"
+        assert page.evaluate("performance.getEntriesByType('navigation').length") == 1   # updated in place
+        page.screenshot(path=str(shots / "rollout-aborted.png"), full_page=True)
+        assert console.errors == [], console.errors
+    finally:
+        ctx.close()
+        runner.stop()
+        link.stop()
+
+
+def wait_for_state(rollouts: Any, rollout_id: str, condition: Any) -> Any:
+    """The stored rollout once ``condition(state)`` holds (the runner saved and sent what it decided)."""
+    from tests.support.agents import wait_for as wait_until
+
+    def reached() -> Any:
+        state = rollouts.load(rollout_id)
+        return state if condition(state) else None
+    return wait_until(reached, WAIT_MS / 1000, f"rollout {rollout_id} in the store to reach the expected state",
+                      interval=0.05)
+
+
+# Model quality (docs/quality.md) ---------------------------------------------------------------
+
+def drift_report(score: float, version: int = 2) -> dict[str, Any]:
+    """The ``drift`` part of an agent's telemetry (docs/quality.md)."""
+    return {"method": "psi", "score": score, "inputs": score, "outputs": score / 2, "window": 1000,
+            "model": {"name": "digits", "version": version}}
+
+
+def test_a_drifting_device_is_flagged_in_the_table_the_quality_panel_alerts_and_its_page(fleet_env, browser, shots):
+    env = fleet_env
+    feedback = {"model": {"name": "digits", "version": 2}, "labels": 40, "unmatched": 1, "classes": 2,
+                "confusion": [[18, 2], [4, 16]]}
+    steady = env.device("cam-s", model=DIGITS_V2)
+    steady.send(extra={"drift": drift_report(0.03), "feedback": feedback})
+    shifted = env.device("cam-d", model=DIGITS_V2)
+    ctx, page, console = new_page(browser)
+    try:
+        page.goto(env.url("/"))
+        wait_for(page, "() => document.querySelector('#device-rows tr[data-device-id=\"cam-s\"] td.drift')"
+                       "?.textContent.trim() === '0.03'")
+        assert row(page, "cam-s").locator("[data-drifting='1']").count() == 0
+        assert page.locator("#n-drifting").inner_text() == "0"
+
+        # cam-d starts seeing data unlike the calibration data: PSI 0.45, over the default 0.2.
+        shifted.send(extra={"drift": drift_report(0.45)})
+        wait_for(page, "() => document.querySelector('#device-rows tr[data-device-id=\"cam-d\"] "
+                       "[data-drifting=\"1\"]') !== null")
+        assert row(page, "cam-d").locator("td.drift").inner_text().split() == ["0.45", "drift"]
+        wait_for(page, "() => document.getElementById('n-drifting').textContent === '1'")
+        assert "bad" in page.locator("#n-drifting").evaluate("e => e.parentElement.className")
+
+        # The quality panel: digits v2 with one drifting device, and the field accuracy of cam-s's labels.
+        quality = page.locator('#quality-rows tr[data-model="digits v2"]')
+        wait_for(page, "() => /1 drifting/.test(document.querySelector('#quality-rows tr[data-model=\"digits v2\"]')"
+                       "?.textContent || '')")
+        assert "cam-d" in quality.locator("td.drifting").inner_text()
+        assert quality.locator("td.field-accuracy").inner_text() == "85.0%"        # (18 + 16) / 40
+
+        # The alert engine opened a drift alert naming the device and the score.
+        page.wait_for_selector('#alerts li[data-kind="drift"][data-device="cam-d"]')
+        assert "data drift 0.45 (PSI) on digits v2" in page.locator('#alerts li[data-kind="drift"]').inner_text()
+        page.screenshot(path=str(shots / "overview-drift.png"), full_page=True)
+
+        # The device's own page flags it too.
+        page.locator('#device-rows tr[data-device-id="cam-d"] th a').click()
+        page.wait_for_url(re.compile(r"/devices/cam-d"))
+        wait_for(page, "() => document.getElementById('card-drift').classList.contains('bad')")
+        assert page.locator("#v-drift").inner_text().split() == ["0.45", "drift"]
+        assert "digits v2" in page.locator('#quality-rows tr[data-model="digits v2"]').inner_text()
+        page.screenshot(path=str(shots / "device-drift.png"), full_page=True)
+        assert console.errors == [], console.errors
+    finally:
+        ctx.close()

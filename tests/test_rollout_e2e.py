@@ -27,11 +27,9 @@ import numpy as np
 import pytest
 
 from agent.commands.predict import ApiClient
-from agent.installer import Installer
 from agent.mqtt import MqttLink
-from agent.protocol import keys, messages, profiles
+from agent.protocol import keys, messages
 from agent.protocol.topics import Topics
-from agent.store import ModelStore
 from fleet.api import ApiServer, ServerApi
 from fleet.api_rollouts import MountedApi, RolloutApi
 from fleet.repository import BlobStore, RepositoryService
@@ -39,9 +37,11 @@ from fleet.rollout_runner import RolloutRunner
 from fleet.rollout_store import RolloutStore
 from fleet.store import IngestBatch, open_store
 from tests.conftest import run_cli
-from tests.support.agents import AgentProcess, make_device, wait_for
+from tests.support.agents import wait_for
 from tests.support.broker import Mosquitto
 from tests.support.bundles import make_bundle
+from tests.support.rollouts import active_version as agent_version
+from tests.support.rollouts import start_agents
 
 FLEET = "ro"
 T = Topics(FLEET)
@@ -187,20 +187,11 @@ def env(tmp_path_factory, keys_dir, release_key, digits_tflite_float, digits_tfl
     wrong = np.tile(np.array([[-128, 127]], dtype=np.int8), (1, 5))
     bundles[4] = make_bundle(root / "v4.lfb", digits_tflite_int8, release_key, version=4, mode="int8",
                              expected=wrong)
-    agents, loads = [], []
+    loads = []
     x_test = digits[2] if len(digits) > 2 else digits[0]
-    for device_id in DEVICES:
-        d = make_device(root / device_id, keys_dir, device_id=device_id, fleet=FLEET, groups=("canary",),
-                        telemetry_interval_s=TELEMETRY_S, broker=f'url = "{broker.url}"\n',
-                        health="window_s = 300.0\nmax_p95_latency_ms = 100000.0")
-        installer = Installer(ModelStore(d.state), trusted, profiles.load_profile(PROFILE))
-        result = installer.install_file(bundles[1])
-        assert result.ok, result.message
-        result.loaded.close()
-        agent = AgentProcess(d)
-        agents.append(agent)
+    agents = start_agents(root, keys_dir, broker.url, bundles[1], DEVICES, fleet=FLEET, groups=("canary",),
+                          profile=PROFILE, telemetry_interval_s=TELEMETRY_S)
     for agent in agents:
-        agent.wait_serving(60)
         loads.append(Load(agent.device, np.asarray(x_test[0], dtype=np.float32).reshape(8, 8, 1).tolist()))
 
     class Env:
@@ -229,8 +220,7 @@ def env(tmp_path_factory, keys_dir, release_key, digits_tflite_float, digits_tfl
 
 
 def active_version(env, device_id: str) -> int | None:
-    model = env.agents[device_id].device.status().get("model") or {}
-    return model.get("version")
+    return agent_version(env.agents[device_id])
 
 
 def wait_telemetry(env, since: float, samples: int = 4) -> None:

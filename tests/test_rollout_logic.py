@@ -311,6 +311,31 @@ def test_devices_that_go_silent_or_offline_during_the_soak_are_a_breach():
     assert f"{quiet}: stopped reporting" in m.state.breach
 
 
+def test_a_device_that_went_silent_after_installing_is_asked_to_roll_back_only_from_the_new_model():
+    fleet = Fleet(4)
+    m = new_rollout(fleet, stages="2,100%", max_failures="0", stale_after_s=30)
+    fleet.step(m)
+    for action in fleet.last("deploy"):
+        fleet.answer(action, "installed")
+    fleet.step(m)
+    quiet, talking = (a.device_id for a in fleet.last("deploy"))
+    for _ in range(4):
+        fleet.advance(10)
+        fleet.report(10.0)
+        fleet.devices[quiet] = DeviceObs(quiet, "x86-cpu", True, fleet.now - 45, "digits", 2, None)
+        fleet.step(m)
+    rollbacks = {a.device_id: a for a in fleet.last("rollback")}
+    assert set(rollbacks) == {quiet, talking}       # the silent one may still run v2
+    assert all(a.args["if_active"] == {"name": "digits", "version": 2} for a in rollbacks.values())
+    fleet.answer(rollbacks[talking], "rolled_back")
+    fleet.advance(5)                                 # the silent device comes back already on v1
+    fleet.outcomes[rollbacks[quiet].command_id] = Outcome("rollback_skipped", fleet.now,
+                                                          "rollback not needed: the active model is digits v1")
+    fleet.step(m)
+    assert m.state.state == ro.ABORTED and "rollback FAILED" not in m.state.reason
+    assert m.state.devices[quiet].state == ro.D_ROLLED_BACK
+
+
 def test_a_device_that_reverted_on_its_own_counts_as_failed():
     fleet = Fleet(2)
     m = new_rollout(fleet, stages="1,100%", max_failures="0")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from fleet import api as api_mod
+from fleet import api_rollouts
 from fleet.api import ApiServer, Request, ServerApi, dashboard_url, ensure_token
 from fleet.openapi import OPENAPI
 
@@ -333,13 +334,26 @@ def test_metrics_needs_no_token_unless_asked(filled, web_dir):
 
 # OpenAPI ---------------------------------------------------------------------------------------
 
-def test_openapi_documents_exactly_the_routed_paths_and_parameters(api):
+def test_openapi_documents_exactly_the_routed_paths_and_parameters(api, filled):
     r = get(api, "/api/openapi.json", token=None)
     assert r.status == 200
     doc = r.json()
     assert doc["openapi"].startswith("3.0") and doc == json.loads(json.dumps(OPENAPI))
     routed = {route.pattern: route for route in api_mod.ROUTES}
-    assert set(doc["paths"]) == set(routed)
+    rollout_routes: dict[str, set[str]] = {}
+    for method, pattern in api_rollouts.ROUTES:
+        rollout_routes.setdefault(pattern, set()).add(method.lower())
+    assert set(doc["paths"]) == set(routed) | set(rollout_routes)
+    for path, methods in rollout_routes.items():
+        assert set(doc["paths"][path]) == methods, path
+        for operation in doc["paths"][path].values():
+            assert {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"} == set(
+                seg[1:-1] for seg in path.split("/") if seg.startswith("{")), path
+            assert {"200", "201"} & set(operation["responses"]), path
+    rollouts = api_rollouts.RolloutApi(filled, fleet="f")
+    for method, pattern in api_rollouts.ROUTES:                 # each documented rollout route is routed
+        status, answer = rollouts.handle(method, pattern.replace("{id}", "nope"), b"{}")
+        assert status != 405 and "no such endpoint" not in answer.get("error", ""), (method, pattern, answer)
     for path, route in routed.items():
         operations = doc["paths"][path]
         assert set(operations) == {route.method.lower()}, path

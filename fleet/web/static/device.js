@@ -4,6 +4,7 @@
 import { api, ago, clock, fill, h, kindClass, modelLabel, num, pendingTag, startPolling, takeToken, windowSelect }
   from "./common.js";
 import { lineChart } from "./charts.js";
+import { driftBadge, renderDeviceQuality } from "./quality.js";
 
 const deviceId = decodeURIComponent(location.pathname.replace(/^\/devices\//, "").replace(/\/$/, ""));
 document.getElementById("device-title").textContent = deviceId;
@@ -23,6 +24,14 @@ async function load() {
   renderCharts(doc.telemetry, doc.since, now);
   renderAlerts(doc.alerts);
   renderEvents(doc.events);
+  renderDrift(d, doc.quality);
+}
+
+function renderDrift(d, quality) {
+  const threshold = quality ? quality.drift_threshold : null;
+  fill("v-drift", driftBadge(d.drift, threshold));
+  document.getElementById("card-drift").classList.toggle("bad", !!d.drift && threshold !== null && d.drift.score > threshold);
+  renderDeviceQuality(document.getElementById("quality-rows"), quality);
 }
 
 function renderSummary(d, now) {

@@ -1,23 +1,30 @@
 // The fleet overview page: summary cards, devices by model version, alerts, the device table,
-// fleet-wide latency and throughput by model version, deployments in progress.
+// fleet-wide latency and throughput by model version, rollouts and deployments in progress.
 
 import { api, ago, deviceHref, fill, h, labelCompare, num, pendingTag, startPolling, takeToken, windowSelect, DEPLOY_KINDS }
   from "./common.js";
 import { barChart, lineChart } from "./charts.js";
 import { renderDeployments } from "./deployments.js";
+import { fetchRollouts, renderRollouts } from "./rollouts.js";
+import { driftBadge, renderQuality } from "./quality.js";
 
 takeToken();
 const windowS = windowSelect(() => poller.refresh());
 const poller = startPolling(load);
 
+let driftThreshold = null;    // the server's drift threshold, from the devices summary
+
 async function load() {
   const since = -windowS();
-  const [devices, alerts, p95, ips, deploys] = await Promise.all([
+  const quality = api("/api/v1/quality");
+  quality.catch(() => {});     // its failure is the poller's to show, through the awaits below
+  const [devices, alerts, p95, ips, deploys, rollouts] = await Promise.all([
     api("/api/v1/devices"),
     api("/api/v1/alerts"),
     api(`/api/v1/series?metric=p95_ms&by=model_version&since=${since}`),
     api(`/api/v1/series?metric=inferences_per_s&by=model_version&since=${since}`),
     api(`/api/v1/events?kind=${DEPLOY_KINDS.join(",")}&limit=1000`),
+    fetchRollouts(),
   ]);
   const now = devices.summary.time || Date.now() / 1000;
   renderSummary(devices.summary, devices.devices);
@@ -27,6 +34,8 @@ async function load() {
   renderSeries("p95-chart", p95.series, p95.since, now, "ms", "p95 latency by model version");
   renderSeries("ips-chart", ips.series, ips.since, now, "/s", "Throughput by model version");
   renderDeployments(document.getElementById("deploys"), deploys.events);
+  renderRollouts(document.getElementById("rollout-list"), rollouts, now);
+  renderQuality(document.getElementById("quality-rows"), document.getElementById("quality-note"), await quality);
 }
 
 function renderSummary(sum, devices) {
@@ -37,6 +46,9 @@ function renderSummary(sum, devices) {
   set("n-alerts", sum.alerts ?? 0);
   set("n-pending", sum.pending_deployments ?? devices.filter((d) => d.pending_deployment).length);
   set("n-lost", sum.lost ?? 0);
+  set("n-drifting", sum.drifting ?? 0);
+  document.getElementById("n-drifting").parentElement.classList.toggle("bad", (sum.drifting ?? 0) > 0);
+  driftThreshold = sum.drift_threshold ?? null;
   document.getElementById("n-offline").parentElement.classList.toggle("bad", sum.offline > 0);
   document.getElementById("n-alerts").parentElement.classList.toggle("bad", (sum.alerts ?? 0) > 0);
   document.getElementById("n-lost").parentElement.classList.toggle("warn", (sum.lost ?? 0) > 0);
@@ -80,7 +92,7 @@ function renderTable(devices, now, alerts) {
   const online = devices.filter((d) => d.online).length;
   document.getElementById("devices-note").textContent = `${online} of ${devices.length} online`;
   if (!devices.length) {
-    fill(tbody, h("tr", {}, h("td", { colspan: 10, class: "empty",
+    fill(tbody, h("tr", {}, h("td", { colspan: 11, class: "empty",
       text: "No device has reported yet. Devices appear here when their birth message arrives." })));
     return;
   }
@@ -102,6 +114,7 @@ function renderTable(devices, now, alerts) {
       h("td", { class: "num", text: num(d.cpu_percent, 0) }),
       h("td", { class: "num", title: hot ? "over the profile's temperature limit" : "" },
         hot ? h("span", { class: "hot", text: num(d.temperature_c, 1) }) : num(d.temperature_c, 1)),
+      h("td", { class: "num drift" }, driftBadge(d.drift, driftThreshold)),
       h("td", { class: "seen", title: d.last_seen ? new Date(d.last_seen * 1000).toLocaleString() : "",
                 text: ago(d.last_seen, now) }),
       h("td", {}, pendingTag(d.pending_deployment) || h("span", { class: "muted", text: "–" })));
