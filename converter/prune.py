@@ -1,8 +1,9 @@
-"""Magnitude pruning with a sparsity schedule, done in Keras 3 itself (no tf-keras, no tfmot).
+"""Magnitude pruning with a sparsity schedule, done in Keras 3 itself.
 
 TensorFlow 2.21 loads models with Keras 3, which tensorflow-model-optimization cannot wrap
-(it needs the separate tf-keras package and tf-keras models). So the same algorithm is applied
-here with masks: the sparsity rises from 0 to the target along tfmot's PolynomialDecay
+(it needs tf-keras models, and tf-keras cannot read Keras 3 files). Keras 2 ``.h5`` files go
+through tfmot itself (:mod:`converter.prune_tfmot`); for everything else the same algorithm is
+applied here with masks: the sparsity rises from 0 to the target along tfmot's PolynomialDecay
 (power 3) over the first two thirds of the fine-tuning steps; at each scheduled step the
 smallest-magnitude weights of every kernel are masked, and after every optimizer step the
 masks are applied again so a pruned weight stays exactly zero. The last third of the steps
@@ -92,6 +93,8 @@ class PruneResult:
     params_after: int = 0
     schedule: dict[str, Any] = field(default_factory=dict)
     fine_tuning: dict[str, Any] = field(default_factory=dict)
+    tool: str = ""                # "tensorflow-model-optimization ..." when tfmot pruned it, else "" (masks)
+    tool_note: str = ""           # why tfmot was not used, when it was not
 
     @property
     def sparsity(self) -> float:
@@ -101,6 +104,7 @@ class PruneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "structured": self.structured, "method": self.method,
+                "tool": self.tool or "keras 3 masks (converter/prune.py)", "tool_note": self.tool_note,
                 "sparsity": round(self.sparsity, 6), "layers": [layer.to_dict() for layer in self.layers],
                 "channels": [c.to_dict() for c in self.channels], "params_before": self.params_before,
                 "params_after": self.params_after, "schedule": dict(self.schedule),
@@ -111,6 +115,8 @@ class PruneResult:
     def method(self) -> str:
         if self.structured:
             return "structured: whole filters/units with the smallest L1 norm removed, narrower model rebuilt"
+        if self.tool:
+            return f"magnitude pruning, polynomial-decay schedule, {self.tool} prune_low_magnitude while fine-tuning"
         return "magnitude pruning, polynomial-decay schedule, masks applied in Keras 3 during fine-tuning"
 
 
@@ -344,6 +350,17 @@ def _predicted(outputs, binary: bool) -> np.ndarray:
         else np.argmax(out, axis=1)
 
 
+def check_label_range(train: Dataset, validation: Dataset | None, classes: int) -> None:
+    """DataError naming the file whose labels do not fit the model's ``classes`` outputs."""
+    for data, purpose in ((train, "fine-tuning"), (validation, "validation")):
+        if data is None or data.y is None or not len(data.y):
+            continue
+        low, high = int(data.y.min()), int(data.y.max())
+        if low < 0 or high >= classes:
+            raise DataError(f"{purpose} data {data.source}: labels run from {low} to {high} but the model has "
+                            f"{classes} classes (labels 0 to {classes - 1})")
+
+
 def _finetune(forward: Callable, variables: list, targets: list[_Target], train: Dataset | None, *,
               target: float, epochs: int, batch_size: int, validation: Dataset | None, learning_rate: float,
               seed: int, where: str, progress: Progress) -> tuple[dict[str, list[float]], dict[str, Any], dict]:
@@ -363,14 +380,7 @@ def _finetune(forward: Callable, variables: list, targets: list[_Target], train:
     n = len(train)
     sample_out = np.asarray(forward(tf.constant(train.x[:min(n, 64)]), False))
     loss_fn, binary = _loss_for(sample_out, where)
-    classes = 2 if binary else sample_out.shape[1]
-    for data, purpose in ((train, "fine-tuning"), (validation, "validation")):
-        if data is None or data.y is None or not len(data.y):
-            continue
-        low, high = int(data.y.min()), int(data.y.max())
-        if low < 0 or high >= classes:
-            raise DataError(f"{purpose} data {data.source}: labels run from {low} to {high} but the model has "
-                            f"{classes} classes (labels 0 to {classes - 1})")
+    check_label_range(train, validation, 2 if binary else sample_out.shape[1])
     steps_per_epoch = math.ceil(n / batch_size)
     schedule = PolynomialDecay.over(target, steps_per_epoch * epochs)
     optimizer = _Adam(variables, learning_rate)
@@ -576,8 +586,20 @@ def prune_source(source, sparsity: float, train: Dataset | None, *, structured: 
     if source.kind == "savedmodel":
         return prune_savedmodel(source.path, sparsity, train, epochs=epochs, batch_size=batch_size,
                                 validation=validation, progress=progress, seed=seed)
+    why_not = "structured pruning rebuilds the model; tfmot prunes weights" if structured else \
+        "tfmot prunes while fine-tuning; without --finetune data the weights are pruned at once" if train is None \
+        else ""
+    if not why_not:
+        from .prune_tfmot import load_legacy, prune_with_tfmot
+        legacy, why_not = load_legacy(source.path)
+        if legacy is not None:
+            (progress or (lambda _: None))("pruning with tensorflow-model-optimization (the file is a Keras 2 model)")
+            result = prune_with_tfmot(legacy, source._model, sparsity, train, epochs=epochs, batch_size=batch_size,
+                                      validation=validation, progress=progress, seed=seed)
+            return dataclasses.replace(source, _model=result.model), result
     result = prune_model(source._model, sparsity, train, epochs=epochs, structured=structured,
                          batch_size=batch_size, validation=validation, progress=progress, seed=seed)
+    result.tool_note = f"tfmot not used: {why_not}"
     return dataclasses.replace(source, _model=result.model), result
 
 

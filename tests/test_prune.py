@@ -186,6 +186,7 @@ def test_h5_source_is_pruned_converted_and_signed_with_the_sparsity_in_report_an
     doc = json.loads(proc.stdout)
     pruning = doc["pruning"]
     assert pruning["target"] == 0.5 and pruning["structured"] is False
+    assert pruning["tool"].startswith("keras 3 masks") and "tf-keras cannot read it" in pruning["tool_note"]
     assert abs(pruning["tflite_sparsity"] - 0.5) < 0.02
     assert [layer["layer"] for layer in pruning["tflite_layers"]] == ["conv2d", "conv2d_1", "dense", "probs"]
     assert all(layer["dtype"] == "int8" for layer in pruning["tflite_layers"])
@@ -231,3 +232,31 @@ def test_bad_pruning_requests_give_one_clear_line_and_write_nothing(cli_runs, ca
     if case == "unlabelled":
         assert str(unlabelled) in errors[0]
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_keras_2_h5_file_is_pruned_by_tensorflow_model_optimization(digits_source, digits_npz, tmp_path, keys_dir):
+    """A .h5 saved by Keras 2 (TensorFlow <= 2.15) can pass through tf-keras, so tfmot prunes it; the
+    sparsity is read back from the converted model like any other."""
+    import tf_keras
+    layers = tf_keras.layers
+    legacy = tf_keras.Sequential([
+        tf_keras.Input(shape=(8, 8, 1), name="image"),
+        layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2d"),
+        layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2d_1"),
+        layers.MaxPooling2D(2), layers.Flatten(),
+        layers.Dense(64, activation="relu", name="dense"),
+        layers.Dense(10, activation="softmax", name="probs")], name="digits_cnn")
+    legacy.set_weights(digits_source._model.get_weights())      # the trained digits CNN, as Keras 2 saves it
+    legacy.save(tmp_path / "digits-keras2.h5")
+    cal, ev = digits_npz
+    proc = run_cli("convert", str(tmp_path / "digits-keras2.h5"), "--profile", "rpi4-cpu", "--calibration", str(cal),
+                   "--eval", str(ev), "--name", "digits", "--version", "1", "--sign-key", str(keys_dir / "release.key"),
+                   "--prune", "0.5", "--finetune", str(cal), "--epochs", "1", "-o", str(tmp_path / "out"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pruning with tensorflow-model-optimization" in proc.stderr
+    pruning = json.loads(proc.stdout)["pruning"]
+    assert pruning["tool"].startswith("tensorflow-model-optimization 0.8") and pruning["tool_note"] == ""
+    assert "prune_low_magnitude" in pruning["method"] and pruning["schedule"]["kind"] == "polynomial_decay"
+    assert [layer["layer"] for layer in pruning["tflite_layers"]] == ["conv2d", "conv2d_1", "dense", "probs"]
+    assert all(abs(layer["sparsity"] - 0.5) < 0.02 for layer in pruning["tflite_layers"]), pruning["tflite_layers"]
+    assert pruning["float_accuracy"]["pruned"] > 0.95
