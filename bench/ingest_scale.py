@@ -6,16 +6,20 @@ rate (default 10,000 msgs/s) for a fixed time into a local mosquitto with the pr
 settings (``tests.support.broker.plain_config``: nothing dropped, nothing limited). Two
 consumers read the same stream at once:
 
-* ours: ``fleet.ingest.run_workers`` (N processes sharing ``$share/litefleet/...``, manual
-  acks after each commit) writing into the store (SQLite by default, ``--db postgresql://``);
+* ours: ``fleet.ingest.run_workers`` (N processes sharing ``$share/litefleet/...``, each
+  receiving through ``fleet.ingest_link.IngestLink`` and acking after each commit) writing
+  into the store (SQLite by default, ``--db postgresql://``);
 * raw: ``mosquitto_sub -q 1 -t lf/v1/bench/device/+/telemetry -F %t``, lines counted.
 
 The publisher is a small raw-socket MQTT 3.1.1 client (one process per ``--publishers``):
 paho's own publisher tops out below the target rate on this machine. Messages lost come from
 ``Store.losses()`` (gaps in each device's seq) and from comparing counts; both must be 0.
+CPU seconds per message (user + system, from the start of publishing until both consumers
+have everything) are printed beside the rates: on a shared machine they move less than rates.
 
     .venv/bin/python -m bench.ingest_scale [--quick] [--json] [--rate 10000] [--seconds 30]
         [--workers 2] [--publishers 1] [--db postgresql://postgres@127.0.0.1/test]
+    .venv/bin/python -m bench.ingest_scale --link-cost    # the receive path alone: paho beside IngestLink
 
 With ``--db postgresql://.../DB``, a throwaway database ``lf_bench_<pid>_<hex>`` is created on
 that server and dropped at the end.
@@ -318,6 +322,7 @@ def run(rate: float, seconds: float, workers: int, publishers: int, db: str | No
             "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
         }
         result["ratio"] = result["ours_rate"] / result["raw_rate"] if result["raw_rate"] else None
+        result["cpu_us_per_msg"] = {k: round(v * 1e6 / max(1, sent), 1) for k, v in result["cpu_s"].items()}
         return result
     finally:
         for proc, conn in pubs:
@@ -332,6 +337,71 @@ def run(rate: float, seconds: float, workers: int, publishers: int, db: str | No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- the receive path alone
+
+def link_cost(messages: int = 100_000, devices: int = DEVICES) -> dict[str, dict[str, float]]:
+    """CPU per message of the MQTT receive path alone: paho ``MqttLink`` (inline handler, manual
+    acks) beside ``IngestLink``, each draining the same number of queued QoS 1 telemetry messages
+    from its persistent session with a handler that only keeps them and acks. No JSON, no store."""
+    from agent.mqtt import MqttLink
+    from bench.support import expect, finish, spawn
+    from fleet.ingest_link import IngestLink
+    from tests.support.broker import Mosquitto, plain_config
+
+    topic_filter = f"lf/v1/{FLEET}/device/+/telemetry"
+
+    def paho_link(got: list) -> Any:
+        link = MqttLink(broker.url, "cost-paho", manual_ack=True, backoff=(0.1, 0.5))
+
+        def handler(message: Any) -> None:
+            got.append(message)
+            if len(got) % 2000 == 0:
+                link.ack(got[-2000:])
+        return link, link.subscribe(topic_filter, handler, inline=True)
+
+    def ingest_link(got: list) -> Any:
+        link = IngestLink(broker.url, "cost-ingest-link", backoff=(0.1, 0.5))
+
+        def handler(batch: list) -> None:
+            got.extend(batch)
+            link.ack([token for _, _, token in batch])
+        return link, link.subscribe_batches([topic_filter], handler)
+
+    tmp = Path(tempfile.mkdtemp(prefix="lf-link-cost-"))
+    broker = Mosquitto(plain_config, tmp / "broker").start()
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for make in (paho_link, ingest_link):       # create both sessions, then go away
+            link, token = make([])
+            link.start()
+            if not token.wait(10):
+                raise RuntimeError(f"{link.client_id} did not subscribe")
+            link.stop()
+        rate = 20_000
+        proc, conn = spawn(publisher_main, "127.0.0.1", broker.port, 0, devices, rate, messages / rate)
+        try:
+            expect(conn, "ready")
+            conn.send(("go", time.time()))
+            sent = expect(conn, "done", 120)[1]["sent"]
+        finally:
+            finish(proc, conn, 5)
+        for name, make in (("paho MqttLink", paho_link), ("IngestLink", ingest_link)):
+            got: list = []
+            link, _ = make(got)
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            link.start()
+            if not wait_until(lambda: len(got) >= sent, 120, 0.01):
+                raise RuntimeError(f"{name} received {len(got)} of {sent}")
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            link.stop()
+            out[name] = {"messages": sent, "cpu_us_per_msg": round(cpu * 1e6 / sent, 1),
+                         "msgs_per_s": round(sent / wall)}
+    finally:
+        broker.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="3 s instead of 30 s")
@@ -341,17 +411,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="ingest processes (default: %(default)s)")
     parser.add_argument("--publishers", type=int, default=1, help="publisher processes (default: %(default)s)")
     parser.add_argument("--devices", type=int, default=DEVICES)
+    parser.add_argument("--link-cost", action="store_true",
+                        help="measure only the MQTT receive path: paho MqttLink beside IngestLink on 100,000 "
+                             "queued messages (no JSON, no store)")
     parser.add_argument("--db", default=None, help="postgresql://... server (a throwaway database is made there); "
                                                    "default: a SQLite file in a temp dir")
     args = parser.parse_args(argv)
+    if args.link_cost:
+        cost = link_cost()
+        for name, c in cost.items():
+            print(f"  {name + ':':15} {c['cpu_us_per_msg']:6.1f} us CPU/msg  {c['msgs_per_s']:8.0f} msgs/s  "
+                  f"({c['messages']} queued QoS 1 messages)")
+        if args.json:
+            print(json.dumps(cost, indent=2))
+        return 0
     seconds = args.seconds or (3.0 if args.quick else 30.0)
     r = run(args.rate, seconds, args.workers, args.publishers, args.db, args.devices)
     print(f"ingest scale: {r['devices']} devices, {r['published']} telemetry messages at {r['publish_rate']:.0f} msgs/s "
           f"for {seconds:g}s; {r['workers']} ingest process(es) -> {r['backend']}")
     print(f"  ours (fleet.ingest -> store): {r['ours_rate']:8.0f} msgs/s  stored {r['ours_stored']}  "
-          f"drained {r['ours_drain_s']:.2f}s after the last publish  cpu {r['cpu_s']['ingest']:.1f}s")
+          f"drained {r['ours_drain_s']:.2f}s after the last publish  cpu {r['cpu_s']['ingest']:.1f}s "
+          f"({r['cpu_us_per_msg']['ingest']:.0f} us/msg)")
     print(f"  raw (mosquitto_sub -q 1):     {r['raw_rate']:8.0f} msgs/s  lines  {r['raw_lines']}  "
-          f"drained {r['raw_drain_s']:.2f}s after the last publish  cpu {r['cpu_s']['mosquitto_sub']:.1f}s")
+          f"drained {r['raw_drain_s']:.2f}s after the last publish  cpu {r['cpu_s']['mosquitto_sub']:.1f}s "
+          f"({r['cpu_us_per_msg']['mosquitto_sub']:.0f} us/msg)")
     print(f"  ratio ours/raw: {r['ratio']:.3f}x   lost: {r['lost_total']} (gaps {r['lost_gaps']}, "
           f"tail {r['lost_tail']})   duplicates {r['duplicates']}  db errors {r['db_errors']}  "
           f"batches {r['batches']}   cpu s: {r['cpu_s']}")

@@ -5,9 +5,13 @@ Why it looks the way it does:
 * **Shared subscriptions.** Every ingestor subscribes ``$share/<group>/lf/v1/F/device/+/<ch>``,
   so the broker spreads the stream over every ingestor of the group: several processes
   (:func:`run_workers`) or several servers against one PostgreSQL.
-* **Minimal work per message.** The limit is Python's cost per message (a bare paho subscriber
-  takes ~16-30k msgs/s on this machine). Telemetry and events get: the topic split on ``/``,
-  one ``json.loads``, and the checks the store relies on (:func:`decode`): ``v == 1``, the
+* **Minimal work per message.** The limit is Python's cost per message. The ingest processes
+  receive through :class:`fleet.ingest_link.IngestLink`, a receive-only MQTT 5 client that
+  hands over every PUBLISH of one socket read as one list (paho builds objects and makes calls
+  per message; see docs/benchmarks-ingest.md); an :class:`agent.mqtt.MqttLink` still works,
+  one handler call per message. Telemetry and events get: the topic split on ``/``, one JSON
+  parse (``orjson`` when installed: ~3x faster than ``json`` on these documents), and the
+  checks the store relies on (:func:`decode`): ``v == 1``, the
   ``device_id`` equals the topic's (a device can publish only under its own id: the broker
   ACL checks the *topic*, so this stops one device writing another's rows), ``seq`` an int
   >= 0, ``ts`` a number, ``data`` (telemetry) a dict, ``kind`` (events) a string. Full schema
@@ -16,7 +20,8 @@ Why it looks the way it does:
   in a figure becomes NULL instead of failing the batch. Status messages are rare (birth,
   last will) and get the full schema. Malformed messages are counted, acknowledged and
   dropped, with a throttled log line saying why.
-* **No loss: acknowledge after commit.** The link runs with ``manual_ack=True``: a QoS 1
+* **No loss: acknowledge after commit.** The link acknowledges nothing by itself
+  (``IngestLink`` never does; ``MqttLink`` with ``manual_ack=True``): a QoS 1
   message is acknowledged to the broker only after the batch holding it is committed. If the
   process dies (SIGKILL) between arrival and commit, the broker still holds the message in
   this client's persistent session and delivers it again when the same client id reconnects;
@@ -28,7 +33,8 @@ Why it looks the way it does:
   So this process holds at most ``receive_maximum`` messages (~1 KB each: ~65 MB); beyond
   that the backlog lives in the broker and is limited by the broker's queue settings (with
   ``max_queued_bytes`` reached, mosquitto drops new QoS 1 messages: size it for the longest
-  database outage to ride out). On MQTT 3.1.1 there is no Receive Maximum; the broker's
+  database outage to ride out). ``IngestLink`` speaks MQTT 5 only for this reason; an
+  ``MqttLink`` that fell back to 3.1.1 has no Receive Maximum, and the broker's
   ``max_inflight_messages`` bounds it instead (and also limits throughput).
   While the database is unavailable the batch is kept and retried with exponential backoff;
   ``stats()['problem']`` and a throttled log line say "database unavailable since ...".
@@ -43,10 +49,10 @@ ingest process must be restarted under the same client id (:class:`IngestWorkers
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
-import os
 import threading
 import time
 from collections import deque
@@ -61,7 +67,10 @@ from fleet.store import IngestBatch, StoreUnavailableError
 log = logging.getLogger("litefleet.ingest")
 
 CHANNELS = ("status", "telemetry", "events")
-_loads = json.loads
+try:   # optional (the host extra installs it): same results as json.loads on valid JSON, ~3x faster
+    from orjson import loads as _loads
+except ImportError:
+    _loads = json.loads
 
 
 class Malformed(ValueError):
@@ -138,21 +147,23 @@ class _Throttled:
         self._next = now + self.interval_s
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     channel: str
     item: Any
-    message: Any          # agent.mqtt.Message: acked after the commit
+    message: Any          # what the link's ack() takes: an agent.mqtt.Message or an IngestLink token
     arrived: float
+    topic: str
 
 
 class Ingestor:
     """Subscribes a fleet's status, telemetry and events on ``link`` and writes them to ``store``.
 
-    ``link`` should be an :class:`agent.mqtt.MqttLink` with ``manual_ack=True`` and a persistent
-    session (fixed client id, ``clean_start=False``); with ``manual_ack=False`` messages are
-    acked on arrival and a crash loses what was not yet written. The caller owns the link
-    (start/stop it); :meth:`start` only subscribes and starts the writer thread.
+    ``link`` should be a :class:`fleet.ingest_link.IngestLink` (batches, acks only by
+    :meth:`ack`) or an :class:`agent.mqtt.MqttLink` with ``manual_ack=True``, either with a
+    persistent session (fixed client id, ``clean_start=False``); an ``MqttLink`` with
+    ``manual_ack=False`` acks on arrival and a crash loses what was not yet written. The caller
+    owns the link (start/stop it); :meth:`start` only subscribes and starts the writer thread.
     """
 
     def __init__(self, link: Any, store: Any, fleet: str, *, share_group: str | None = "litefleet",
@@ -199,6 +210,10 @@ class Ingestor:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
         self._thread.start()
+        batches = getattr(self.link, "subscribe_batches", None)
+        if batches is not None:
+            self._tokens = [batches(self.filters(), self._on_batch, qos=self.qos)]
+            return
         # Inline: the handler only decodes and appends, so it runs on the link's network thread
         # (no queue hand-off and thread switch per message; measured in docs/benchmarks-ingest.md).
         self._tokens = [self.link.subscribe(f, self._on_message, qos=self.qos, inline=True) for f in self.filters()]
@@ -226,12 +241,34 @@ class Ingestor:
             self._bad.warning("ingest: dropped a malformed message: %s", exc)
             self._ack([message])
             return
-        pending = _Pending(channel, item, message, time.monotonic())
+        pending = _Pending(channel, item, message, time.monotonic(), message.topic)
         with self._cond:
             self._c["received"] += 1
             self._pending.append(pending)
             if len(self._pending) >= self.batch_max:
                 self._cond.notify()
+
+    def _on_batch(self, publishes: list[tuple[str, bytes, int]]) -> None:
+        """Every message of one read from an :class:`IngestLink`: decoded, then queued under one lock."""
+        now = time.monotonic()
+        good: list[_Pending] = []
+        bad: list[int] = []
+        for topic, payload, token in publishes:
+            try:
+                channel, _device, item = decode(topic, payload)
+            except Malformed as exc:
+                bad.append(token)
+                self._bad.warning("ingest: dropped a malformed message: %s", exc)
+                continue
+            good.append(_Pending(channel, item, token, now, topic))
+        with self._cond:
+            self._c["received"] += len(publishes)
+            self._c["malformed"] += len(bad)
+            self._pending.extend(good)
+            if len(self._pending) >= self.batch_max:
+                self._cond.notify()
+        if bad:
+            self._ack(bad)
 
     def _ack(self, messages: list) -> None:
         ack = getattr(self.link, "ack", None)
@@ -337,7 +374,7 @@ class Ingestor:
             with self._cond:
                 self._c["rejected"] += 1
                 self._in_write -= 1
-            log.error("ingest: the store refused a message on %s, dropped: %s", chunk[0].message.topic, exc)
+            log.error("ingest: the store refused a message on %s, dropped: %s", chunk[0].topic, exc)
             self._ack([p.message for p in chunk])
             return
         finally:
@@ -417,26 +454,35 @@ class WorkerConfig:
     flush_ms: int = 200
     receive_maximum: int = 65535
     stats_interval_s: float = 0.25
+    username: str | None = None
+    password: str | None = None
 
 
 def worker_main(config: WorkerConfig, conn: Any, index: int) -> None:
-    """One ingest process: its own link (fixed client id, persistent session, manual acks),
-    store and :class:`Ingestor`; sends its stats on ``conn`` until SIGTERM.
+    """One ingest process: its own :class:`fleet.ingest_link.IngestLink` (fixed client id,
+    persistent session, acks after commit), store and :class:`Ingestor`; sends its stats on
+    ``conn`` until SIGTERM.
 
     Why a pipe per worker and SIGTERM rather than a shared multiprocessing Queue/Event: those
     hold a lock shared by all processes, and a worker SIGKILLed inside it deadlocks the rest.
     """
     import signal
 
-    from agent.mqtt import MqttLink
+    from fleet.ingest_link import IngestLink
     from fleet.store import open_store
     logging.basicConfig(level=logging.WARNING, format=f"ingest[{index}] %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     store = open_store(config.db_url)
-    link = MqttLink(config.broker_url, config.client_id, tls=config.tls, clean_start=False,
-                    receive_maximum=config.receive_maximum, manual_ack=True, backoff=(0.2, 5.0))
+    # Every message leaves a dozen small dicts and lists alive until its batch is written: with
+    # the default threshold (700) the cyclic collector ran many times per batch and rescanned
+    # them (~10% of this process's CPU). Nothing here makes cycles that need it quickly.
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 1000)
+    link = IngestLink(config.broker_url, config.client_id, tls=config.tls, username=config.username,
+                      password=config.password, clean_start=False, receive_maximum=config.receive_maximum,
+                      backoff=(0.2, 5.0))
     ingestor = Ingestor(link, store, config.fleet, share_group=config.share_group,
                         batch_max=config.batch_max, flush_ms=config.flush_ms)
     ingestor.start()

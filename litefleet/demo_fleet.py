@@ -228,6 +228,8 @@ class Server:
         tls = self.broker.tls_for("litefleet-server")
         if tls:
             argv += ["--ca", tls[0], "--cert", tls[1], "--key", tls[2]]
+        if self.broker.kind == "amqtt":             # speaks MQTT 3.1.1 only
+            argv += ["--ingest-protocol", "3.1.1"]
         return argv
 
     def start(self, timeout: float = 60.0) -> "Server":

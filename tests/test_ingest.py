@@ -1,6 +1,8 @@
 """fleet.ingest against a real mosquitto (tests/support/broker.py) and the real store on SQLite and PostgreSQL.
 
-Also tests the two small additions to agent/mqtt.py the ingestor relies on: manual acks
+The ingestor runs on :class:`fleet.ingest_link.IngestLink` (what the ingest processes use);
+one test runs it on :class:`agent.mqtt.MqttLink` too, which other parts still hand it. Also
+tests the two small additions to agent/mqtt.py that path relies on: manual acks
 (``manual_ack=True`` + ``MqttLink.ack``) and inline handlers.
 """
 
@@ -18,7 +20,9 @@ import pytest
 from agent.mqtt import Message, MqttLink
 from agent.protocol.messages import encode
 from fleet.ingest import Ingestor, Malformed, decode, run_workers
+from fleet.ingest_link import IngestLink
 from fleet.store import open_store
+from tests.support.agents import wait_for
 from tests.support.broker import mosquitto, mosquitto_factory  # noqa: F401 (fixtures: mosquitto needs the factory)
 from tests.support.postgres import TempPostgres, postgres_db  # noqa: F401 (session fixture)
 
@@ -27,12 +31,11 @@ FAST = (0.05, 0.5)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)  # polling interval of a deadline loop
-    return bool(predicate())
+    """True once ``predicate()`` is (for asserts that show their own state on failure)."""
+    try:
+        return bool(wait_for(predicate, timeout, "condition", interval))
+    except AssertionError:
+        return False
 
 
 def telemetry(device: str, seq: int, p95: float = 5.0) -> bytes:
@@ -115,8 +118,12 @@ def made():
         (t.stop if hasattr(t, "stop") else t.close)()
 
 
-def start_ingest(url: str, store, made: list, client_id: str = "ingest-1", **kwargs) -> tuple[MqttLink, Ingestor]:
-    link = MqttLink(url, client_id, manual_ack=True, backoff=FAST)
+def start_ingest(url: str, store, made: list, client_id: str = "ingest-1", link_kind: str = "ingest_link",
+                 **kwargs) -> tuple[IngestLink | MqttLink, Ingestor]:
+    if link_kind == "ingest_link":
+        link: IngestLink | MqttLink = IngestLink(url, client_id, backoff=FAST)
+    else:
+        link = MqttLink(url, client_id, manual_ack=True, backoff=FAST)
     ingestor = Ingestor(link, store, FLEET, **kwargs)
     ingestor.start()
     link.start()
@@ -162,11 +169,13 @@ def test_birth_and_last_will_make_a_device_online_then_offline(mosquitto, store_
     assert wait_until(lambda: (store.device("cam-1") or {}).get("online") is False), store.device("cam-1")
 
 
-def test_telemetry_and_events_land_duplicates_ignored_gaps_and_malformed_counted(mosquitto, store_url, made):
+@pytest.mark.parametrize("link_kind", ["ingest_link", "paho"])
+def test_telemetry_and_events_land_duplicates_ignored_gaps_and_malformed_counted(mosquitto, store_url, made,
+                                                                                 link_kind):
     store = open_store(store_url)
     made.append(store)
     store.migrate()
-    _link, ingestor = start_ingest(mosquitto.url, store, made, flush_ms=50)
+    _link, ingestor = start_ingest(mosquitto.url, store, made, flush_ms=50, link_kind=link_kind)
     dev = device_link(mosquitto.url, made)
     items = [(topic("d1", "telemetry"), telemetry("d1", s)) for s in (0, 1, 2)]
     items += [(topic("d1", "events"), event("d1", 3))]
