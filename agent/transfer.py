@@ -385,9 +385,11 @@ class Downloader:
                           else f"fetching {plan.count} chunks of {manifest.chunk_size} bytes")
                        + f" (window {plan.window})")
             # Not asked for the head (it was on disk, or came retained first): say we subscribed anew,
-            # unless the broker kept our session, whose queue holds what was on its way to us.
+            # unless the broker kept our session, whose queue holds what was on its way to us. Not yet
+            # connected (an agent resuming at start): _pull decides when the CONNACK says which it is.
             session = getattr(getattr(self.link, "connect_info", None), "session_present", False)
-            self._pull(blob_id, manifest, plan, state, inbox, subscription, announce=not asked and not session)
+            announce = not asked and bool(self.link.connected) and not session
+            self._pull(blob_id, manifest, plan, state, inbox, subscription, announce=announce)
             model = state.read_model()
             if hashlib.sha256(model).hexdigest() != manifest.sha256:
                 state.discard()  # every chunk matched yet the whole does not: the manifest lies
