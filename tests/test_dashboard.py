@@ -513,6 +513,7 @@ def test_rollouts_show_their_stage_health_and_why_they_stopped_live(fleet_env, b
     from agent.protocol import keys
     from fleet.rollout_runner import RolloutRunner
     from fleet.rollout_store import RolloutStore
+    from tests.support.agents import wait_for as wait_until
 
     env = fleet_env
     devices = {d: env.device(d, model=DIGITS_V2, p95=5.0) for d in ("cam-1", "cam-2", "cam-3")}
@@ -527,6 +528,9 @@ def test_rollouts_show_their_stage_health_and_why_they_stopped_live(fleet_env, b
         page.goto(env.url("/"))
         page.locator("#rollout-list li.empty", has_text="No rollouts yet").wait_for()  # not the "loading…" line
         row(page, "cam-3").wait_for()                     # every device is in the store: the target is whole
+        # Each device's baseline is its telemetry in the store when it is deployed to: have some first.
+        wait_until(lambda: all(len([t for t in env.store.telemetry(d, since=0, resolution="raw") if t.get("count")])
+                                    >= 2 for d in devices), 20, "two telemetry samples with traffic from every device")
 
         created = api_post(env, "/api/v1/rollouts", {
             "id": "ro-digits-v4", "target": "group:lab", "stages": "1,100%", "soak_s": 600,
