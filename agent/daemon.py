@@ -37,6 +37,7 @@ from agent.model_slot import ModelSlot
 from agent.notify import Notifier, systemd_credential
 from agent.protocol import keys
 from agent.protocol.errors import KeyFileError, LitefleetError
+from agent.protocol.manifest import ModelData
 from agent.spool import Spool
 from agent.store import ModelStore
 from agent.telemetry import collect
@@ -170,7 +171,7 @@ class AgentDaemon:
         with self._lock:
             return self.installer.install_file(path)
 
-    def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes, source: str) -> InstallResult:
+    def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: ModelData, source: str) -> InstallResult:
         with self._lock:
             return self.installer.install_parts(manifest_bytes, signature_bytes, model, source)
 

@@ -32,7 +32,7 @@ from agent.protocol import bundle as bundle_mod
 from agent.protocol import encryption
 from agent.protocol.errors import BundleError, SignatureError, TamperedError, TruncatedBundleError
 from agent.protocol.keys import PublicKey
-from agent.protocol.manifest import Manifest, check_model
+from agent.protocol.manifest import Manifest, ModelData, check_model
 from agent.protocol.profiles import Profile
 from agent.store import InstalledModel, ModelStore, StoreCorruptError
 
@@ -116,7 +116,7 @@ class Installer:
             return self._refused(InstallError("bad_bundle", f"{source}: {exc}"), None, source)
         return self.install_parts(parts.manifest_bytes, parts.signature_bytes, parts.model, source)
 
-    def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: bytes,
+    def install_parts(self, manifest_bytes: bytes, signature_bytes: bytes, model: ModelData,
                       source: str) -> InstallResult:
         """Install from the three parts (the MQTT transport assembles them from chunks)."""
         manifest: Manifest | None = None
@@ -211,7 +211,7 @@ class Installer:
 
     # the install -------------------------------------------------------------------------
 
-    def _install(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, model: bytes,
+    def _install(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, model: ModelData,
                  source: str) -> InstallResult:
         try:
             txn = self.store.begin_install(manifest, manifest_bytes, signature_bytes)

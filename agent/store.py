@@ -41,7 +41,7 @@ from typing import Any
 from agent.errors import AgentError, InstallError
 from agent.protocol.bundle import MANIFEST_NAME, SIGNATURE_NAME, VerifiedBundle, verify_manifest
 from agent.protocol.keys import PublicKey, atomic_write
-from agent.protocol.manifest import Manifest, check_model
+from agent.protocol.manifest import Manifest, ModelData, check_model
 
 # The steps an install records in the journal, in order. A rollback skips "staged".
 STEPS = ("begin", "staged", "loaded", "smoke_ok", "activated", "done")
@@ -374,7 +374,7 @@ class Transaction:
         self.store._write_json(self.store.journal_path, self._journal)
         crash_point(step)
 
-    def stage(self, model: bytes) -> InstalledModel:
+    def stage(self, model: ModelData) -> InstalledModel:
         """Write the slot in staging, fsync it, and move it into place in one rename."""
         if self.kind != "install":
             raise ValueError("only an install stages a model")

@@ -7,8 +7,9 @@ which chunks to ask for and when to ask again; :class:`DownloadState` is the on-
 Order of trust: nothing from the broker is believed until checked. The head (manifest and its
 detached signature) is verified with :meth:`Installer.check_manifest` and the device's
 capacity with :meth:`Installer.precheck` before a single chunk is asked for; every chunk is
-checked against its sha256 in the signed manifest before it is written; the whole model
-against the manifest's sha256 before it is returned.
+checked against its sha256 in the signed manifest before it is written. The whole model's
+sha256 is the installer's check (:func:`agent.protocol.manifest.check_model`), made once, at
+install: here it would only hash the same verified chunks a second time.
 
 A blob is named by its id, the sha256 of its signed ``manifest.json`` bytes
 (:func:`agent.protocol.bundle.blob_id`): a head is taken only if its manifest hashes to the
@@ -24,7 +25,9 @@ head (it was on disk, or came retained first) and the broker did not keep its se
 Download state lives in ``<state_dir>/downloads/<blob id>/`` (``manifest.json``,
 ``manifest.sig``, a preallocated ``model.part``). Which chunks are present is found by hashing
 ``model.part``'s chunks against the signed manifest on resume: no bitmap to keep consistent,
-and a torn write after a power cut simply shows up as a missing chunk.
+and a torn write after a power cut simply shows up as a missing chunk. A finished fetch hands
+the model over as a read-only memory map of ``model.part``: the chunks just written are in the
+page cache, so nothing is read back or copied.
 
 Errors: head refusals raise :class:`~agent.errors.InstallError` with the installer's code
 (``bad_signature``, ``not_newer``, ``no_space`` ...: fetching again will not help); a transfer
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import queue
 import random
@@ -52,7 +56,6 @@ from agent.errors import AgentError, InstallError
 from agent.events import Event, EventSink, discard
 from agent.protocol import messages
 from agent.protocol.bundle import blob_id as manifest_blob_id
-from agent.protocol.keys import atomic_write
 from agent.protocol.manifest import Manifest
 from agent.protocol.topics import Topics
 
@@ -71,8 +74,7 @@ _PUBLISH_OVERHEAD = 19
 
 class TransferError(AgentError):
     """A model could not be fetched; retrying later may help. ``code``: ``no_answer``,
-    ``stalled``, ``packet_too_large``, ``cancelled``, ``disk``, ``corrupt``, ``bad_blob``,
-    ``not_authorized``."""
+    ``stalled``, ``packet_too_large``, ``cancelled``, ``disk``, ``bad_blob``, ``not_authorized``."""
 
     def __init__(self, code: str, message: str, *, blob: str = "", missing: int = 0) -> None:
         self.code = code
@@ -252,6 +254,7 @@ class DownloadState:
         self.part_path = self.dir / self.PART
         self._fd: int | None = None
         self._chunk_size = 0
+        self._size = 0
 
     def load_head(self) -> tuple[bytes, bytes] | None:
         try:
@@ -260,14 +263,17 @@ class DownloadState:
             return None
 
     def save_head(self, manifest_bytes: bytes, signature_bytes: bytes) -> None:
+        """Keep the verified head for a resumed fetch. Written whole (rename), not fsynced: a head
+        lost or torn by a power cut fails its check on resume and is simply fetched again."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / self.SIGNATURE, signature_bytes)
-        atomic_write(self.dir / self.MANIFEST, manifest_bytes)
+        _replace(self.dir / self.SIGNATURE, signature_bytes)
+        _replace(self.dir / self.MANIFEST, manifest_bytes)
 
     def open(self, manifest: Manifest) -> set[int]:
         """Open (or preallocate) ``model.part``; return the chunks already in it that verify."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._chunk_size = manifest.chunk_size
+        self._size = manifest.size
         fresh = not self.part_path.exists() or self.part_path.stat().st_size != manifest.size
         self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT, 0o600)
         if fresh:
@@ -286,11 +292,15 @@ class DownloadState:
         assert self._fd is not None, "open() first"
         os.pwrite(self._fd, data, index * self._chunk_size)
 
-    def read_model(self) -> bytes:
-        """The assembled model. No fsync: the install stages its own durable copy, and a resumed
-        download re-hashes every chunk on disk, so a torn write here only costs a re-request."""
+    def model(self) -> mmap.mmap | bytes:
+        """The assembled model: a read-only map of ``model.part``, valid after :meth:`close` and
+        :meth:`discard` (the mapping keeps the file's pages). No fsync: the install stages its
+        own durable copy, and a resumed download re-hashes every chunk on disk, so a torn write
+        here only costs a re-request."""
         assert self._fd is not None, "open() first"
-        return self.part_path.read_bytes()
+        if not self._size:
+            return b""
+        return mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -300,6 +310,17 @@ class DownloadState:
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path`` and rename it into place: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
@@ -342,9 +363,11 @@ class Downloader:
         DownloadState(self.downloads_dir, blob_id).discard()
 
     def fetch(self, blob_id: str, *, window: int = DEFAULT_WINDOW,
-              timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bytes, bytes, bytes]:
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bytes, bytes, mmap.mmap | bytes]:
         """Fetch blob ``blob_id`` (the sha256 of its signed manifest); return (manifest bytes,
-        signature bytes, model bytes), all verified.
+        signature bytes, model): the manifest's signature and every chunk verified. The model is
+        a read-only map of the downloaded file (no copy; ``bytes(model)`` for a copy); its whole
+        sha256 is checked at install.
 
         ``timeout_s``: give up when nothing useful (a valid head or a new valid chunk) arrived
         for that long. Resumes from any state a previous fetch left on disk.
@@ -390,12 +413,7 @@ class Downloader:
             session = getattr(getattr(self.link, "connect_info", None), "session_present", False)
             announce = not asked and bool(self.link.connected) and not session
             self._pull(blob_id, manifest, plan, state, inbox, subscription, announce=announce)
-            model = state.read_model()
-            if hashlib.sha256(model).hexdigest() != manifest.sha256:
-                state.discard()  # every chunk matched yet the whole does not: the manifest lies
-                raise TransferError("corrupt", f"blob {blob_id}: every chunk matched its signed sha256 but the "
-                                               f"whole model does not; download state discarded", blob=blob_id)
-            return manifest_bytes, signature_bytes, model
+            return manifest_bytes, signature_bytes, state.model()
         finally:
             state.close()
             try:

@@ -7,8 +7,8 @@ configuration: ``set_tcp_nodelay``, ``max_queued_messages 0``, ``max_inflight_me
 * ours: the real ``RepositoryService`` in its own process answers a real ``Downloader`` in this
   one (own ``MqttLink``, state directory, real ``Installer`` + ``ModelStore`` so the head's
   signature, profile and capacity are checked; every chunk sha256-checked and written to
-  ``model.part``, the whole model hashed at the end). Fetch only: the random bytes are never
-  installed. Timed from ``fetch()`` to its return, head request included. Each run pulls a fresh
+  ``model.part``, which ``fetch()`` returns mapped, not copied; the whole model's sha256 is the
+  installer's check). Fetch only: the random bytes are never installed. Timed from ``fetch()`` to its return, head request included. Each run pulls a fresh
   signed random model, so what the repository remembers of one run never serves the next; each
   run is thus a new stream, whose first chunks the repository holds ``start_s`` for other
   devices (``--start-s`` changes it; 0 turns it off).
@@ -205,12 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "signature, precheck, head saved with fsync); chunks = from there to the last chunk written (the rate is "
         "over the whole model, including the repository's hold of a new stream's first chunks: start_s "
         f"{'default' if args.start_s is None else f'{args.start_s:g} s'}); tail = last chunk until fetch() "
-        "returns (re-read and sha256 of the model)",
+        "returns (the model is handed over as a map of model.part: nothing re-read or hashed again)",
         f"TCP_NODELAY on the clients' sockets: {'yes' if nodelay_on else 'no'}"
         + (" (--nodelay what-if: set by the benchmark on every paho client, raw and ours)" if args.nodelay
-           else " (paho and agent/mqtt.py leave Nagle on; try --nodelay)"),
+           else " (set by agent/mqtt.py; paho alone leaves Nagle on: --nodelay sets it on the raw clients too)"),
         f"median of {repeats} run(s) each; MB = 10^6 bytes; ours = Downloader.fetch() wall time incl. head "
-        f"request, signature check, per-chunk sha256, writes to model.part, re-read and whole-model sha256",
+        f"request, signature check, per-chunk sha256 and writes to model.part",
         "raw = bare paho publisher process -> mosquitto -> bare paho subscriber counting messages, QoS 1, "
         "paho's default 20 in flight, MQTT 5, same chunk size and total bytes",
         f"broker limits (from fleet.broker.render_mosquitto_conf): {'; '.join(project_tuning(max(chunks)))}",

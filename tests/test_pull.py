@@ -162,7 +162,7 @@ def test_one_device_pulls_and_installs(mosquitto, start_repo, make_device, bundl
     device = make_device(mosquitto.url, "dev1")
     prove_live(repo, device, blob_id)
     parts = device.downloader.fetch(blob_id, timeout_s=20)
-    assert parts[2] == (repo.store.get(blob_id).model_path.read_bytes())
+    assert bytes(parts[2]) == repo.store.get(blob_id).model_path.read_bytes()
     device.install(parts)
     assert_active(device, blob.sha256)
     percents = [e.details["milestone"] for e in device.progress("progress")]

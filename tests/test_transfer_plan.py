@@ -174,9 +174,9 @@ def test_download_state_finds_exactly_the_chunks_that_verify(tmp_path):
     again = DownloadState(tmp_path, sha)
     assert again.load_head() == (b"{}", b"sig")
     assert again.open(manifest) == {0, 3, 9}
-    for index in range(10):
+    for index in set(range(10)) - {0, 3, 9}:   # a resumed fetch writes only what was missing
         again.write_chunk(index, model[index * 1024:(index + 1) * 1024])
-    data = again.read_model()
-    assert hashlib.sha256(data).hexdigest() == sha
+    data = again.model()
+    assert hashlib.sha256(data).hexdigest() == sha, "the chunks found on disk are part of the assembled model"
     again.discard()
     assert not (tmp_path / sha).exists()

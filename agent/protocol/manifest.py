@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from typing import Any
 from . import datastats
 from .errors import BundleError, SchemaError
 from .schema import Field, non_empty, non_negative, positive, validate
+
+# A model in memory: bytes, or the read-only map of a download's file (agent/transfer.py).
+ModelData = bytes | mmap.mmap
 
 FORMAT = "litefleet.manifest"
 FORMAT_VERSION = 1
@@ -299,7 +303,7 @@ def model_section(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str
     }
 
 
-def check_model(manifest: Manifest, data: bytes) -> None:
+def check_model(manifest: Manifest, data: ModelData) -> None:
     """Raise :class:`~agent.protocol.errors.TamperedError` unless ``data`` is the signed model."""
     from .errors import TamperedError
     if len(data) != manifest.size:
