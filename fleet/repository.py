@@ -90,12 +90,29 @@ class StoredBlob:
 
     def read_chunk(self, index: int) -> bytes:
         """The bytes of chunk ``index`` (read from disk: the page cache keeps hot blobs cheap)."""
+        start, length = self._span(index)
+        with open(self.model_path, "rb") as handle:
+            return os.pread(handle.fileno(), length, start)
+
+    def chunk_message(self, index: int) -> bytearray:
+        """Chunk ``index`` as its stream message (:func:`agent.protocol.messages.encode_chunk`), read
+        from disk straight in after the header: one copy of the bytes instead of two."""
+        start, length = self._span(index)
+        header = messages.chunk_header(index, self.count)
+        message = bytearray(len(header) + length)
+        message[:len(header)] = header
+        with open(self.model_path, "rb") as handle:
+            got = os.preadv(handle.fileno(), [memoryview(message)[len(header):]], start)
+        if got != length:
+            raise RepositoryError(f"blob {self.blob_id}: {self.model_path} is shorter than its manifest says "
+                                  f"(chunk {index}: {got} of {length} bytes)")
+        return message
+
+    def _span(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.count:
             raise IndexError(f"chunk {index} is out of range for blob {self.blob_id} ({self.count} chunks)")
         start = index * self.manifest.chunk_size
-        length = min(self.manifest.chunk_size, self.manifest.size - start)
-        with open(self.model_path, "rb") as handle:
-            return os.pread(handle.fileno(), length, start)
+        return start, min(self.manifest.chunk_size, self.manifest.size - start)
 
 
 class BlobStore:
@@ -581,18 +598,17 @@ class RepositoryService:
         blob_id = blob.blob_id
         topic = str(self.topics.blob_chunks(blob_id))
         for item in items:
-            if item == HEAD:
-                payload = messages.encode_head(blob.count, blob.manifest_bytes, blob.signature_bytes)
-                key, size_key = "heads_published", "head_bytes"
-            else:
-                payload = messages.encode_chunk(item, blob.count, blob.read_chunk(item))
-                key, size_key = "chunks_published", "chunk_bytes"
             try:
                 if item == HEAD:  # retained: a device subscribing late still gets it at once
+                    payload: bytes | bytearray = messages.encode_head(blob.count, blob.manifest_bytes,
+                                                                      blob.signature_bytes)
+                    key, size_key = "heads_published", "head_bytes"
                     self.link.publish(topic, payload, qos=1, retain=True, expiry_s=self.head_expiry_s)
                 else:
+                    payload = blob.chunk_message(item)
+                    key, size_key = "chunks_published", "chunk_bytes"
                     self.link.publish(topic, payload, qos=1, expiry_s=self.chunk_expiry_s)
-            except Exception as exc:  # too large for the broker, link refused: log, keep serving
+            except Exception as exc:  # unreadable, too large for the broker, link refused: log, keep serving
                 with self._lock:
                     self._stats["publish_failed"] += 1
                 if self._throttle.allow(f"publish:{blob_id}", now):

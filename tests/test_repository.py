@@ -208,10 +208,22 @@ def test_store_verifies_then_writes_by_manifest_hash(tmp_path, bundle_path, trus
     assert blob is not None and blob.count == len(digits_tflite_float) // CHUNK + 1
     assert (tmp_path / "repo" / "blobs" / blob_id / MODEL_FILENAME).read_bytes() == digits_tflite_float
     assert b"".join(blob.read_chunk(i) for i in range(blob.count)) == digits_tflite_float
+    assert all(blob.chunk_message(i) == messages.encode_chunk(i, blob.count, blob.read_chunk(i))
+               for i in range(blob.count)), "the stream message is the header, then the chunk read in place"
     assert store.add_bundle(bundle_path).blob_id == blob_id, "adding the same bundle again is harmless"
     assert store.list() == [blob_id]
     assert store.get(stored.manifest.sha256) is None, "the model's hash is not a blob id"
     assert store.get("0" * 64) is None and store.get("../etc") is None
+
+
+def test_a_model_file_shorter_than_its_manifest_is_an_error_naming_it(tmp_path, bundle_path, trusted):
+    store = BlobStore(tmp_path / "repo", trusted)
+    blob = store.add_bundle(bundle_path)
+    with open(blob.model_path, "r+b") as handle:
+        handle.truncate(blob.manifest.size - 10)
+    with pytest.raises(RepositoryError, match=rf"{blob.model_path} is shorter than its manifest says \(chunk "
+                                              rf"{blob.count - 1}: \d+ of \d+ bytes\)"):
+        blob.chunk_message(blob.count - 1)
 
 
 def test_one_model_for_two_profiles_is_two_blobs_each_with_its_own_manifest(tmp_path, trusted, release_key,

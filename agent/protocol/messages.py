@@ -157,6 +157,12 @@ def encode_chunk(index: int, count: int, payload: bytes) -> bytes:
     return _HEADER.pack(CHUNK_MAGIC, KIND_CHUNK, index, count) + payload
 
 
+def chunk_header(index: int, count: int) -> bytes:
+    """The header :func:`encode_chunk` puts before a chunk's bytes (for a sender that reads the
+    chunk straight into the message after it)."""
+    return _HEADER.pack(CHUNK_MAGIC, KIND_CHUNK, index, count)
+
+
 def encode_head(count: int, manifest: bytes, signature: bytes) -> bytes:
     return _HEADER.pack(CHUNK_MAGIC, KIND_HEAD, 0, count) + struct.pack(">I", len(manifest)) + manifest + signature
 
