@@ -29,207 +29,20 @@ import logging
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 from agent.mqtt import MqttError, TlsFiles, backoff_delay, parse_url
+from agent.mqtt_wire import (DISCONNECT, PINGREQ, MqttConnectRefused, PacketReader, ProtocolError, Publish,
+                             connect_packet, decode_connack, decode_suback, puback_packets, reason_text,
+                             subscribe_packet)
 
 log = logging.getLogger("litefleet.ingest_link")
 
-Publish = tuple[str, bytes, int]          # (topic, payload, ack_token)
 BatchHandler = Callable[[list[Publish]], None]
 
 READ_SIZE = 256 * 1024
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"                 # normal disconnection: the session stays
-_REASONS = {0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error",
-            0x83: "implementation specific error", 0x84: "unsupported protocol version",
-            0x85: "client identifier not valid", 0x86: "bad user name or password", 0x87: "not authorized",
-            0x88: "server unavailable", 0x89: "server busy", 0x8A: "banned", 0x8B: "server shutting down",
-            0x8C: "bad authentication method", 0x8D: "keep alive timeout", 0x8E: "session taken over",
-            0x8F: "topic filter invalid", 0x90: "topic name invalid", 0x93: "receive maximum exceeded",
-            0x94: "topic alias invalid", 0x95: "packet too large", 0x97: "quota exceeded",
-            0x99: "payload format invalid", 0x9A: "retain not supported", 0x9B: "QoS not supported",
-            0x9C: "use another server", 0x9D: "server moved", 0x9E: "shared subscriptions not supported",
-            0x9F: "connection rate exceeded", 0xA2: "wildcard subscriptions not supported"}
-
-
-class ProtocolError(MqttError):
-    """The broker sent bytes that are not the MQTT 5 this link expects; the connection is
-    dropped and opened again (unacknowledged messages are delivered again)."""
-
-
-class MqttConnectRefused(ProtocolError):
-    """CONNACK with a failure reason code (bad credentials, not authorized, ...)."""
-
-
-def reason_text(code: int) -> str:
-    """``"0x87 (not authorized)"``: an MQTT 5 reason code as a person reads it."""
-    return f"0x{code:02X} ({_REASONS.get(code, 'unknown reason')})"
-
-
-# ----------------------------------------------------------------------------- encoding
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    if len(raw) > 0xFFFF:
-        raise MqttError(f"{text[:40]!r}...: {len(raw)} bytes is over MQTT's 65535-byte string limit")
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def connect_packet(client_id: str, *, clean_start: bool, keepalive_s: int, session_expiry_s: int,
-                   receive_maximum: int, username: str | None = None, password: str | None = None) -> bytes:
-    """An MQTT 5 CONNECT with Session Expiry Interval and Receive Maximum."""
-    flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    props = b"\x11" + struct.pack(">I", session_expiry_s) + b"\x21" + struct.pack(">H", receive_maximum)
-    body = _utf8("MQTT") + bytes([5, flags]) + struct.pack(">H", keepalive_s) + _varint(len(props)) + props
-    body += _utf8(client_id)
-    if username is not None:
-        body += _utf8(username)
-    if password is not None:
-        raw = password.encode()
-        body += struct.pack(">H", len(raw)) + raw
-    return _packet(0x10, body)
-
-
-def subscribe_packet(packet_id: int, filters: Sequence[str], qos: int) -> bytes:
-    """An MQTT 5 SUBSCRIBE of ``filters`` at ``qos`` (no properties, default options)."""
-    body = struct.pack(">H", packet_id) + b"\x00" + b"".join(_utf8(f) + bytes([qos]) for f in filters)
-    return _packet(0x82, body)
-
-
-def puback_packets(packet_ids: Sequence[int]) -> bytes:
-    """PUBACKs (reason: success, so 4 bytes each) for ``packet_ids``, concatenated."""
-    return struct.pack(f">{len(packet_ids)}I", *[0x40020000 | pid for pid in packet_ids])
-
-
-# ----------------------------------------------------------------------------- decoding
-
-def _read_varint(data: bytes, i: int, n: int, what: str | int) -> tuple[int, int]:
-    """(value, next index) of the variable byte integer at ``i``; (-1, i) if ``data`` ends first.
-
-    ``what`` names it in the error: a string, or the packet's first byte for its remaining length
-    (so that no text is built per packet)."""
-    value = 0
-    shift = 0
-    while True:
-        if i >= n:
-            return -1, i
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-        if shift > 21:
-            name = f"packet (type {what >> 4}) remaining length" if isinstance(what, int) else what
-            raise ProtocolError(f"malformed {name}: more than 4 bytes in its variable length")
-
-
-class PacketReader:
-    """Splits a byte stream into MQTT packets; keeps a partial packet for the next read.
-
-    :meth:`feed` returns ``(publishes, controls)``: every complete PUBLISH as ``(topic,
-    payload, ack_token)`` and every other packet as ``(first byte, body)``, each list in
-    arrival order. Pure: no I/O, so it is tested on hand-made bytes.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._have = 0
-        self._need = 1       # bytes needed before parsing can make progress
-
-    @property
-    def buffered(self) -> int:
-        return self._have
-
-    def feed(self, data: bytes, connection: int) -> tuple[list[Publish], list[tuple[int, bytes]]]:
-        self._chunks.append(data)
-        self._have += len(data)
-        if self._have < self._need:
-            return [], []
-        buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        publishes: list[Publish] = []
-        controls: list[tuple[int, bytes]] = []
-        pos, need = _parse(buf, connection << 16, publishes, controls)
-        rest = buf[pos:] if pos < len(buf) else b""
-        self._chunks = [rest] if rest else []
-        self._have = len(rest)
-        self._need = need
-        return publishes, controls
-
-
-def _parse(buf: bytes, token_base: int, publishes: list[Publish], controls: list[tuple[int, bytes]]) -> tuple[int, int]:
-    """Parse the complete packets of ``buf``; (bytes consumed, bytes needed for the next packet)."""
-    n = len(buf)
-    pos = 0
-    append = publishes.append
-    while pos + 2 <= n:
-        first = buf[pos]
-        length = buf[pos + 1]
-        i = pos + 2
-        if length & 0x80:
-            length, i = _read_varint(buf, pos + 1, n, first)
-            if length < 0:
-                return pos, n - pos + 1
-        end = i + length
-        if end > n:
-            return pos, end - pos
-        if first & 0xF0 == 0x30:
-            qos = (first >> 1) & 3
-            if i + 2 > end:
-                raise ProtocolError(f"malformed PUBLISH: {length}-byte packet has no room for its topic length")
-            t_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
-            if t_end > end or t_end == i + 2:
-                raise ProtocolError(f"malformed PUBLISH: topic length {t_end - i - 2} in a {length}-byte packet")
-            try:
-                topic = buf[i + 2:t_end].decode()
-            except UnicodeDecodeError:
-                raise ProtocolError("malformed PUBLISH: topic is not UTF-8") from None
-            if qos == 1:
-                if t_end + 2 > end:
-                    raise ProtocolError(f"malformed PUBLISH on {topic}: no room for the packet id")
-                packet_id = (buf[t_end] << 8) | buf[t_end + 1]
-                if not packet_id:
-                    raise ProtocolError(f"malformed PUBLISH on {topic}: packet id 0")
-                token = token_base | packet_id
-                j = t_end + 2
-            elif qos == 0:
-                token = 0
-                j = t_end
-            else:
-                raise ProtocolError(f"PUBLISH at QoS {qos} on {topic}: this link subscribes at QoS 0 or 1 only")
-            if j >= end:
-                raise ProtocolError(f"malformed PUBLISH on {topic}: no properties length")
-            plen = buf[j]
-            j += 1
-            if plen & 0x80:
-                plen, j = _read_varint(buf, j - 1, end, "PUBLISH properties length")
-                if plen < 0:
-                    raise ProtocolError(f"malformed PUBLISH on {topic}: properties length runs past the packet")
-            j += plen
-            if j > end:
-                raise ProtocolError(f"malformed PUBLISH on {topic}: {plen}-byte properties in a {length}-byte packet")
-            append((topic, buf[j:end], token))
-        else:
-            controls.append((first, buf[i:end]))
-        pos = end
-    return pos, 2
 
 
 # ----------------------------------------------------------------------------- the link
@@ -486,7 +299,7 @@ class IngestLink:
             if self._stopping.is_set():
                 if accepted:
                     self._flush(sock)
-                    sock.sendall(_DISCONNECT)
+                    sock.sendall(DISCONNECT)
                 return accepted, "stopped"
             data = None
             if pending is not None and pending():
@@ -542,22 +355,20 @@ class IngestLink:
                     return accepted, f"no packet from the broker for {now - last_received:.0f}s (keepalive)"
                 if not pinged and (now - self._last_sent >= self.keepalive_s / 2 or
                                    now - last_received >= self.keepalive_s / 2):
-                    sock.sendall(_PINGREQ)
+                    sock.sendall(PINGREQ)
                     self._last_sent = now
                     pinged = True
 
     def _on_connack(self, body: bytes) -> None:
-        if len(body) < 2:
-            raise ProtocolError(f"malformed CONNACK: {len(body)} byte(s)")
-        code = body[1]
-        if code == 1 and len(body) == 2:          # an MQTT 3.1.1 broker's "unacceptable protocol version"
+        connack = decode_connack(body)
+        if connack.code == 1 and len(body) == 2:  # an MQTT 3.1.1 broker's "unacceptable protocol version"
             raise MqttConnectRefused("broker refused MQTT 5 (it answered as an MQTT 3.1.1 broker): the ingest "
                                      "link needs an MQTT 5 broker such as mosquitto >= 1.6 (or start `litefleet server "
                                      "--ingest-protocol 3.1.1`)")
-        if code != 0:
-            raise MqttConnectRefused(f"broker refused the connection: {reason_text(code)}")
+        if connack.code != 0:
+            raise MqttConnectRefused(f"broker refused the connection: {reason_text(connack.code)}")
         with self._lock:
-            self.session_present = bool(body[0] & 1)
+            self.session_present = connack.session_present
             self._connected.set()
             if self._filters:
                 self._outbox.append(self._subscribe_packet())
@@ -566,12 +377,7 @@ class IngestLink:
                  "resumed" if self.session_present else "new")
 
     def _on_suback(self, body: bytes) -> None:
-        if len(body) < 3:
-            raise ProtocolError(f"malformed SUBACK: {len(body)} byte(s)")
-        plen, i = _read_varint(body, 2, len(body), "SUBACK properties length")
-        if plen < 0:
-            raise ProtocolError("malformed SUBACK: properties length runs past the packet")
-        codes = body[i + plen:]
+        _, codes = decode_suback(body)
         refused = [(f, c) for f, c in zip(self._filters, codes) if c >= 0x80]
         if refused:
             self.last_error = "broker refused subscription: " + ", ".join(f"{f} {reason_text(c)}" for f, c in refused)
@@ -580,5 +386,4 @@ class IngestLink:
         self._subscribed.set()
 
 
-__all__ = ["IngestLink", "MqttConnectRefused", "PacketReader", "ProtocolError", "Publish", "SubscribeToken",
-           "connect_packet", "puback_packets", "reason_text", "subscribe_packet"]
+__all__ = ["IngestLink", "SubscribeToken"]

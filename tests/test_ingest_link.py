@@ -1,4 +1,4 @@
-"""fleet/ingest_link.py: the packet parser on hand-made bytes, then the link against a real mosquitto
+"""fleet/ingest_link.py: the packet parser (agent/mqtt_wire.py) on hand-made bytes, then the link against a real mosquitto
 (persistent session, redelivery after a kill, stale packet ids, DISCONNECT, mutual TLS with the
 project's generated configuration) and, for what no real broker would ever send (a malformed
 packet), a small fake server that speaks just enough MQTT to send it.
@@ -20,8 +20,8 @@ import pytest
 from agent.mqtt import MqttLink, TlsFiles
 from agent.protocol.messages import encode
 from fleet.ingest import Ingestor
-from fleet.ingest_link import (IngestLink, PacketReader, ProtocolError, connect_packet, puback_packets,
-                               reason_text, subscribe_packet)
+from agent.mqtt_wire import PacketReader, ProtocolError, connect_packet, puback_packets, reason_text, subscribe_packet
+from fleet.ingest_link import IngestLink
 from fleet.store import open_store
 from tests.support.agents import wait_for
 from tests.support.broker import mosquitto, mosquitto_factory  # noqa: F401 (fixtures: mosquitto needs the factory)
