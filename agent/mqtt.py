@@ -133,7 +133,7 @@ def parse_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname, port, tls
 
 
-def _filter_matches(topic_filter: str, topic: str) -> bool:
+def filter_matches(topic_filter: str, topic: str) -> bool:
     if topic_filter.startswith("$share/"):  # $share/{group}/{filter}
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     try:
@@ -460,7 +460,7 @@ class MqttLink:
             # Messages that arrived (e.g. a resumed session's queue) before this subscribe().
             kept = []
             for message in self._unmatched:
-                (worker.queue.put(message) if _filter_matches(topic_filter, message.topic) else kept.append(message))
+                (worker.queue.put(message) if filter_matches(topic_filter, message.topic) else kept.append(message))
             self._unmatched = kept
             if self._connected.is_set():  # under the lock, so on_subscribe finds the mid
                 _rc, mid = self._client.subscribe(topic_filter, qos=qos)
@@ -709,7 +709,7 @@ class MqttLink:
             # Matching a topic against every filter costs ~10 us each; a fleet's topics repeat.
             workers = self._routes.get(message.topic)
             if workers is None:
-                workers = [w for w in self._workers.values() if _filter_matches(w.topic_filter, message.topic)]
+                workers = [w for w in self._workers.values() if filter_matches(w.topic_filter, message.topic)]
                 if len(self._routes) >= self._ROUTES_LIMIT:
                     self._routes.clear()
                 self._routes[message.topic] = workers

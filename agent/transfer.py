@@ -457,7 +457,12 @@ class Downloader:
                                                  f"{timeout_s:g}s and {attempts} request(s){where}; is the "
                                                  f"repository service running, and does it hold this blob?",
                                     blob=blob)
-            message = _get(inbox, min(due if connected else now + _POLL_S, start + timeout_s) - now)
+            if not connected:
+                # Ask before taking anything, even the retained head that comes with the SUBACK:
+                # the request is what tells the repository another device joins this stream.
+                self._wait_connected(min(now + _POLL_S, start + timeout_s) - now)
+                continue
+            message = _get(inbox, min(due, start + timeout_s) - now)
             if message is None:
                 continue
             try:
@@ -545,8 +550,11 @@ class Downloader:
                                                f"({'connected' if connected else 'not connected'} to the broker); "
                                                f"the download state is kept and the next fetch resumes it",
                                     blob=blob, missing=missing)
-            wait = plan.next_wakeup(now) - now if connected else _POLL_S
-            message = _get(inbox, wait)
+            if connected:
+                message = _get(inbox, plan.next_wakeup(now) - now)
+            else:
+                self._wait_connected(_POLL_S)
+                message = _get(inbox, 0.0)
 
     def _take(self, blob: str, message: Any, manifest: Manifest, plan: TransferPlan, state: DownloadState) -> None:
         try:
@@ -571,6 +579,15 @@ class Downloader:
                                         f"{state.part_path}: {exc}", blob=blob,
                                 missing=plan.count - plan.done) from None
         plan.received(index, self._clock())
+
+    def _wait_connected(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the link to (re)connect: a link that opens its connection
+        for the fetch (agent.blob_link) is usually up a few ms later."""
+        wait = getattr(self.link, "wait_connected", None)
+        if wait is not None:
+            wait(max(0.0, timeout))
+        else:
+            self._cancel.wait(max(0.0, timeout))
 
     def _subscribed(self, blob: str, subscription: Any, until: float) -> bool:
         """Whether the broker acknowledged our subscription to the blob's stream on this connection,

@@ -6,8 +6,8 @@
   the broker acknowledged, so nothing is lost while the broker is away (up to the spool bound).
 - It listens on its own, its groups', its profile's and the fleet's command topics. Each
   command is checked by :class:`~agent.protocol.commands.CommandGuard` (signature, expiry,
-  replay, address, profile); deploys are pulled with :class:`~agent.transfer.Downloader` and
-  installed by the daemon's pipeline. Commands run one at a time on a worker thread, never on
+  replay, address, profile); deploys are pulled with :class:`~agent.transfer.Downloader` (over
+  an :class:`~agent.blob_link.BlobLink` of their own) and installed by the daemon's pipeline. Commands run one at a time on a worker thread, never on
   the MQTT handler thread.
 """
 
@@ -27,6 +27,7 @@ from agent import __version__
 from agent import events as ev
 from agent.errors import InstallError
 from agent.events import Event
+from agent.blob_link import BlobLink
 from agent.mqtt import Message, MqttLink, TlsFiles, Will, parse_url
 from agent.notify import systemd_credential
 from agent.protocol import messages
@@ -64,7 +65,11 @@ class MqttTransport:
         self.link = link or MqttLink(cfg.broker.url, cfg.device_id, tls=_tls(cfg), will=self._will(),
                                      clean_start=False, keepalive_s=cfg.broker.keepalive_s,
                                      on_connect=self._on_connect)
-        self.downloader = Downloader(self.link, self.topics, cfg.device_id, cfg.state_dir,
+        # Models come over a second, lean connection opened only while a fetch runs (agent/blob_link.py),
+        # with the same identity, and the protocol version the main link negotiated.
+        self.stream_link = BlobLink(cfg.broker.url, f"{cfg.device_id}.blob", tls=_tls(cfg),
+                                    protocol=lambda: self.link.protocol_version, keepalive_s=cfg.broker.keepalive_s)
+        self.downloader = Downloader(self.stream_link, self.topics, cfg.device_id, cfg.state_dir,
                                      daemon.installer, daemon.emit)
         self._commands: queue.Queue[Message | CheckedCommand | None] = queue.Queue()
         self._wake = threading.Event()
@@ -100,6 +105,7 @@ class MqttTransport:
                 self.link.publish(str(self.topics.status(self.identity.device_id)),
                                   messages.encode(self._offline("stopped")), qos=1, retain=True).wait(5)
         finally:
+            self.stream_link.stop()
             self.link.stop()
 
     def healthy(self) -> bool:

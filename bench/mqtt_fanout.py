@@ -2,9 +2,10 @@
 
 One local mosquitto with the project's limits (see bench/support.py), the real
 ``RepositoryService`` in its own process, and simulated devices in a few worker processes:
-each device has its own ``MqttLink``, state directory, real ``Installer`` + ``ModelStore`` and
-``Downloader`` (fetch only). All devices are connected before the start; the fetch command then
-reaches every worker at once and each device fetches on its own thread.
+each device is built as the agent builds it: its own ``MqttLink`` (connected before the start),
+a ``Downloader`` on a ``BlobLink`` of its own (opened by each fetch, as on a device), a state
+directory, a real ``Installer`` + ``ModelStore`` (fetch only). The fetch command reaches every
+worker at once and each device fetches on its own thread.
 
 Two figures, each beside its baseline:
 
@@ -167,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                round(alone_bytes[1] / MB, 2), fmt_ratio(alone_bytes[1] / size), fmt_ratio(ratio(alone_s[1], alone)), "-", 0)
     report.notes += [
         f"model {size} bytes in {-(-size // chunk)} chunks of {chunk // 1024} KiB, window {window}; wall = from the "
-        f"fetch command to the last device's fetch() returning (each device: head, signature, per-chunk sha256, "
-        f"writes, whole-model sha256); 'wall vs alone' against the median of the two alone pulls ({alone:.3f} s)",
+        f"fetch command to the last device's fetch() returning (each device: opening its pull connection, head, "
+        f"signature, per-chunk sha256, writes); 'wall vs alone' against the median of the two alone pulls ({alone:.3f} s)",
         f"devices in {workers} worker processes; repository, broker and every device share this machine's "
         f"{__import__('os').cpu_count()} cores, so the wall time is mostly the devices' own CPU",
         "published = chunk and head payload bytes the repository published (RepositoryService.stats)",

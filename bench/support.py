@@ -275,7 +275,7 @@ def raw_publisher_main(conn: Any, url: str, protocol: str, nodelay: bool = False
 
 @dataclass
 class SimDevice:
-    """One simulated device: its link, downloader and state directory (fetch only, never installs)."""
+    """One simulated device: its main link, downloader and state directory (fetch only, never installs)."""
 
     name: str
     link: Any
@@ -284,7 +284,9 @@ class SimDevice:
 
 
 def make_device(url: str, name: str, state_dir: Path, trusted: list, **downloader_args: Any) -> SimDevice:
-    """A device with a real ModelStore and Installer (so the manifest's signature is really checked)."""
+    """A device as the agent builds it (agent/transport.py): a main MqttLink, and a Downloader over a
+    BlobLink of its own; a real ModelStore and Installer, so the manifest's signature is really checked."""
+    from agent.blob_link import BlobLink
     from agent.installer import Installer
     from agent.mqtt import MqttLink
     from agent.protocol import profiles
@@ -292,7 +294,8 @@ def make_device(url: str, name: str, state_dir: Path, trusted: list, **downloade
     from agent.transfer import Downloader
     installer = Installer(ModelStore(state_dir), trusted, profiles.load_profile(PROFILE))
     link = MqttLink(url, name, backoff=(0.1, 1.0), clean_start=True)
-    downloader = Downloader(link, TOPICS, name, state_dir, installer, **downloader_args)
+    stream = BlobLink(url, f"{name}.blob", protocol=lambda: link.protocol_version, backoff=(0.1, 1.0))
+    downloader = Downloader(stream, TOPICS, name, state_dir, installer, **downloader_args)
     return SimDevice(name, link, downloader, state_dir)
 
 

@@ -1,8 +1,8 @@
 """Many devices pulling one model: the repository publishes it about once.
 
 Real parts: one mosquitto, the real RepositoryService, and real Downloaders in this process,
-each with its own MqttLink, state directory, Installer and ModelStore (the manifest's
-signature and every chunk's sha256 are checked). The model is the digits CNN (~156 KB) in
+each with its own BlobLink (the agent's connection for pulls), state directory, Installer and
+ModelStore (the manifest's signature and every chunk's sha256 are checked). The model is the digits CNN (~156 KB) in
 4 KiB chunks, about 40 of them, so each device asks for a window and refills it as chunks come.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.blob_link import BlobLink
 from agent.installer import Installer
 from agent.mqtt import MqttLink
 from agent.protocol import keys, messages, profiles
@@ -66,15 +67,22 @@ def devices(broker, tmp_path_factory, keys_dir):
     for n in range(DEVICES):
         name = f"dev{n:02d}"
         state = tmp_path_factory.mktemp(name)
-        link = MqttLink(broker.url, name, backoff=(0.1, 1.0), clean_start=True)
+        link = BlobLink(broker.url, f"{name}.blob", backoff=(0.1, 1.0))
         installer = Installer(ModelStore(state), trusted, profile)
         made.append(Downloader(link, TOPICS, name, state, installer, retry=RetryPolicy(base_s=1.5, cap_s=6.0)))
-        link.start()
-    for downloader in made:
-        assert downloader.link.wait_connected(10)
     yield made
     for downloader in made:
         downloader.link.stop()
+
+
+@pytest.fixture(scope="module")
+def probe(broker):
+    """A plain client that speaks for any device (the test broker has no ACL)."""
+    link = MqttLink(broker.url, "probe", backoff=(0.1, 1.0), clean_start=True)
+    link.start()
+    assert link.wait_connected(10)
+    yield link
+    link.stop()
 
 
 def add_blob(repo: RepositoryService, path: Path, model: bytes, release_key, version: int) -> str:
@@ -83,11 +91,11 @@ def add_blob(repo: RepositoryService, path: Path, model: bytes, release_key, ver
     return repo.store.add_bundle(bundle).blob_id
 
 
-def prove_live(repo: RepositoryService, downloader: Downloader, blob_id: str) -> None:
+def prove_live(repo: RepositoryService, probe: MqttLink, downloader: Downloader, blob_id: str) -> None:
     """Wait until the repository's subscription answers (its SUBSCRIBE may trail its CONNACK)."""
     payload = messages.encode({"v": 1, "device_id": downloader.device_id, "blob": blob_id, "head": False,
                                "chunks": []})
-    downloader.link.publish(str(TOPICS.chunk_requests(downloader.device_id)), payload)
+    probe.publish(str(TOPICS.chunk_requests(downloader.device_id)), payload)
     wait_for(lambda: repo.request_log(downloader.device_id, blob_id), what="the repository's subscription")
 
 
@@ -123,27 +131,27 @@ def assert_one_copy(repo: RepositoryService, before: dict, results: dict, model:
     assert after["heads_published"] - before["heads_published"] == 1, "the retained head served every device"
 
 
-def test_a_fleet_starting_on_one_command_costs_one_copy(start_repo, devices, tmp_path, digits_tflite_float,
+def test_a_fleet_starting_on_one_command_costs_one_copy(start_repo, devices, probe, tmp_path, digits_tflite_float,
                                                         release_key):
     """Every device starts when 'the command arrives'; they reach the repository one after
     another as they get the CPU. Those that asked for the head while the first asked for chunks
     are waited for (before: 2.7x the model for 100 simulated devices, one copy per wave)."""
     repo = start_repo()
     blob_id = add_blob(repo, tmp_path / "v1.lfb", digits_tflite_float, release_key, 1)
-    prove_live(repo, devices[0], blob_id)
+    prove_live(repo, probe, devices[0], blob_id)
     before = repo.stats
     results = fetch_all(devices, blob_id, lambda n, thread: thread.start())
     assert_one_copy(repo, before, results, digits_tflite_float)
 
 
-def test_devices_starting_one_after_another_share_one_copy_with_a_start_hold(start_repo, devices, tmp_path,
+def test_devices_starting_one_after_another_share_one_copy_with_a_start_hold(start_repo, devices, probe, tmp_path,
                                                                               digits_tflite_float, release_key):
     """Each device starts only once the previous one's first request reached the repository, so
     most ask for chunks after the one before them got the whole model: without a start hold each
     such wave costs a copy. With ``start_s`` the first chunks wait for them."""
     repo = start_repo(start_s=1.0)
     blob_id = add_blob(repo, tmp_path / "v1.lfb", digits_tflite_float, release_key, 1)
-    prove_live(repo, devices[0], blob_id)
+    prove_live(repo, probe, devices[0], blob_id)
     before = repo.stats
 
     def one_after_another(n: int, thread: threading.Thread) -> None:
@@ -160,12 +168,12 @@ def test_devices_starting_one_after_another_share_one_copy_with_a_start_hold(sta
     assert released and released[0].time - first_ask >= 1.0 - 1e-3, "held for the start hold"
 
 
-def test_a_device_alone_is_not_held(start_repo, devices, tmp_path, digits_tflite_float, release_key):
+def test_a_device_alone_is_not_held(start_repo, devices, probe, tmp_path, digits_tflite_float, release_key):
     """Nobody else asked for the head: its chunks go out with its request (no start hold by default)."""
     repo = start_repo()
     blob_id = add_blob(repo, tmp_path / "v2.lfb", digits_tflite_float, release_key, 2)
     alone = devices[0]
-    prove_live(repo, alone, blob_id)
+    prove_live(repo, probe, alone, blob_id)
     parts = alone.fetch(blob_id, timeout_s=30)
     alone.discard(blob_id)
     assert bytes(parts[2]) == digits_tflite_float

@@ -1,5 +1,6 @@
-"""Pulling a model end to end: a real mosquitto, real MqttLinks, the repository service, the
-agent's Downloader and a real Installer with a real ModelStore and interpreter.
+"""Pulling a model end to end: a real mosquitto, the repository service on a real MqttLink, and
+devices built as the agent builds them (a main MqttLink, the Downloader on a BlobLink of its own)
+with a real Installer, ModelStore and interpreter.
 
 The digits model (~156 KB float) is bundled with 4 KiB chunks, so a pull is ~40 chunks.
 Mid-transfer events (an agent stopping, the broker dying, a rogue injecting chunks) are
@@ -19,6 +20,7 @@ import pytest
 
 from agent import events as ev
 from agent.errors import InstallError
+from agent.blob_link import BlobLink
 from agent.events import EventLog
 from agent.installer import Installer
 from agent.mqtt import MqttLink
@@ -79,7 +81,8 @@ class Repo:
 @dataclass
 class Device:
     name: str
-    link: MqttLink
+    link: MqttLink          # the main connection (status, commands), as in agent/transport.py
+    stream: BlobLink        # the Downloader's connection, open only while it fetches
     store: ModelStore
     installer: Installer
     downloader: Downloader
@@ -125,15 +128,18 @@ def start_repo(tmp_path, trusted):
 def make_device(tmp_path, trusted, profile):
     devices: list[Device] = []
 
-    def make(url: str, name: str, state_dir: Path | None = None, events=None) -> Device:
+    def make(url: str, name: str, state_dir: Path | None = None, events=None, protocol: str = "auto") -> Device:
         state_dir = state_dir or tmp_path / name
         log = EventLog()
         sink = log if events is None else (lambda e: (log(e), events(e)))
         store = ModelStore(state_dir)
         installer = Installer(store, trusted, profile, events=log)
-        device = Device(name, None, store, installer, None, log, state_dir)  # type: ignore[arg-type]
-        device.link = MqttLink(url, name, backoff=(0.1, 1.0), on_disconnect=device.disconnects.append)
-        device.downloader = Downloader(device.link, TOPICS, name, state_dir, installer, sink, retry=RETRY)
+        device = Device(name, None, None, store, installer, None, log, state_dir)  # type: ignore[arg-type]
+        device.link = MqttLink(url, name, backoff=(0.1, 1.0), protocol=protocol,
+                               on_disconnect=device.disconnects.append)
+        device.stream = BlobLink(url, f"{name}.blob", protocol=lambda: device.link.protocol_version,
+                                 backoff=(0.1, 1.0))
+        device.downloader = Downloader(device.stream, TOPICS, name, state_dir, installer, sink, retry=RETRY)
         device.link.start()
         assert device.link.wait_connected(10)
         devices.append(device)
@@ -141,6 +147,7 @@ def make_device(tmp_path, trusted, profile):
 
     yield make
     for device in devices:
+        device.stream.stop()
         device.link.stop()
 
 
@@ -169,6 +176,36 @@ def test_one_device_pulls_and_installs(mosquitto, start_repo, make_device, bundl
     assert percents[-1] == 100 and percents == sorted(set(percents)) and all(p % 25 == 0 for p in percents)
     assert device.progress("head_verified")[0].details["chunks_total"] == len(blob.chunks)
     assert repo.service.stats["chunks_published"] == len(blob.chunks)
+
+
+def test_the_pull_connection_is_open_only_while_fetching(mosquitto, start_repo, make_device, bundle_path, blob,
+                                                        blob_id):
+    """An idle device holds one connection to the broker; a pull opens a second for its chunk
+    stream (BlobLink) and closes it when done."""
+    repo = start_repo(mosquitto.url, [bundle_path])
+    seen: list[bool] = []
+    device = make_device(mosquitto.url, "dev1", events=lambda e: seen.append(device.stream.connected)
+                         if e.details.get("step") == "head_verified" else None)
+    prove_live(repo, device, blob_id)
+    assert not device.stream.connected
+    parts = device.downloader.fetch(blob_id, timeout_s=20)
+    assert seen == [True], "the stream connection carried the head"
+    assert not device.stream.connected and device.stream._thread is None, "closed after the fetch"
+    assert device.link.connected, "the main connection is untouched"
+    device.install(parts)
+    assert_active(device, blob.sha256)
+
+
+def test_a_device_on_mqtt_311_pulls_on_mqtt_311(mosquitto, start_repo, make_device, bundle_path, blob, blob_id):
+    """The embedded demo broker speaks 3.1.1 only: the stream connection uses the version the
+    main link negotiated (here forced), with no MQTT 5 properties in its packets."""
+    repo = start_repo(mosquitto.url, [bundle_path])
+    device = make_device(mosquitto.url, "dev311", protocol="3.1.1")
+    prove_live(repo, device, blob_id)
+    parts = device.downloader.fetch(blob_id, timeout_s=20)
+    assert device.stream.protocol_version == "3.1.1"
+    device.install(parts)
+    assert_active(device, blob.sha256)
 
 
 def test_five_devices_share_one_stream(mosquitto, start_repo, make_device, bundle_path, blob, blob_id):
@@ -290,13 +327,17 @@ def test_a_stopped_agent_resumes_asking_only_for_missing_chunks(mosquitto, start
     assert 0 < len(on_disk) < len(blob.chunks)
     assert on_disk == first.downloader.last_plan.present
     seen = len(repo.service.request_log("dev1"))
+    heads = repo.service.stats["heads_published"]
 
     second = make_device(mosquitto.url, "dev1", state_dir=first.state_dir)  # same id, same state dir
     parts = second.downloader.fetch(blob_id, timeout_s=20)
     second.install(parts)
     assert_active(second, blob.sha256)
     later = repo.service.request_log("dev1")[seen:]
-    assert not any(r.head for r in later), "the verified head was kept on disk"
+    # The verified head was kept on disk: never asked for alone. The first request flags the head
+    # only to tell the repository that this stream subscription is new (a fresh connection).
+    assert all(r.chunks for r in later if r.head) and later[0].head
+    assert repo.service.stats["heads_published"] == heads, "the head was not sent again"
     asked = {i for r in later for i in r.chunks}
     assert asked and not asked & on_disk, f"re-asked for chunks already on disk: {sorted(asked & on_disk)}"
     assert "resuming with" in second.progress("head_verified")[0].reason
@@ -386,6 +427,12 @@ def test_chunks_larger_than_the_brokers_packet_limit_fail_clearly(mosquitto_fact
     device = make_device(broker.url, "dev1")
     assert device.link.max_packet_size == 16384, "mosquitto announces its limit over MQTT 5"
     prove_live(repo, device, sha)
+    limits: list[int | None] = []
+    device.stream.subscribe("probe/limit", lambda m: None)
+    assert device.stream.wait_connected(10)
+    limits.append(device.stream.max_packet_size)
+    device.stream.unsubscribe("probe/limit")
+    assert limits == [16384], "the stream connection reads the same limit from its CONNACK"
     with pytest.raises(TransferError) as info:
         device.downloader.fetch(sha, timeout_s=10)
     assert info.value.code == "packet_too_large"
