@@ -19,12 +19,12 @@ of one pull never serves the next. Chunks of 256 KiB and a window of 16: the def
 
 The notes say where copies came from: how many times each chunk went out, how the devices' first
 requests spread in time, and how long the repository held the first chunks for devices still
-to come (its gathering: ``--gather-s`` and ``--start-s`` change it, 0 turns either off; see
+to come (its gathering: ``--gather-s``, ``--start-s`` and ``--settle-s`` change it, 0 turns each off; see
 ``fleet.repository.ChunkScheduler``). ``--trace FILE`` writes every request of the fan-out (time,
 device, head, chunks, what was published for it) as JSON.
 
     .venv/bin/python -m bench.mqtt_fanout [--quick] [--json] [--devices 100] [--size-mb 4]
-                                          [--gather-s S] [--start-s S] [--trace FILE]
+                                          [--gather-s S] [--start-s S] [--settle-s S] [--trace FILE]
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--start-s", type=float, default=None,
                             help="what-if: how long a new stream's first chunks wait (default: the "
                                  "repository's own; 0 turns it off)")
+        parser.add_argument("--settle-s", type=float, default=None,
+                            help="what-if: how long held chunks wait after the latest device joined (default: "
+                                 "the repository's own; 0 turns it off)")
         parser.add_argument("--trace", type=Path, default=None,
                             help="write the fan-out's request log (time s, device, head, chunks, published) as JSON")
     args = parse_args("100 devices pulling one model at once vs one device alone", argv, extra)
@@ -79,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from fleet.repository import BlobStore
             store = BlobStore(root / "repo", bench_keys.trusted())
-            gathering = {k: v for k, v in (("gather_s", args.gather_s), ("start_s", args.start_s)) if v is not None}
+            gathering = {k: v for k, v in (("gather_s", args.gather_s), ("start_s", args.start_s),
+                                           ("settle_s", args.settle_s)) if v is not None}
             repo_proc, repo = spawn(repository_main, broker.url, str(root / "repo"), str(bench_keys.dir), args.nodelay,
                                     gathering)
             children.append((repo_proc, repo))

@@ -115,7 +115,7 @@ def test_asking_for_the_head_again_starts_afresh():
 
 
 def test_chunks_wait_for_devices_that_asked_for_the_head_then_go_out_once():
-    s = ChunkScheduler(gather_s=0.5, max_gather_s=2.0, start_s=0)
+    s = ChunkScheduler(gather_s=0.5, max_gather_s=2.0, start_s=0, settle_s=0)
     assert s.claim("b", [HEAD], 0.00, "a") == [HEAD]
     assert s.claim("b", [HEAD], 0.01, "b") == []
     assert s.claim("b", [0, 1], 0.02, "a") == [], "b asked for the head and not yet for chunks"
@@ -125,6 +125,22 @@ def test_chunks_wait_for_devices_that_asked_for_the_head_then_go_out_once():
     assert s.claim("b", [0, 1, 2], 0.20, "c") == [0, 1, 2], "the last device waited for asked: all go out"
     assert s.held("b") == [] and s.next_release() is None
     assert s.claim("b", [0, 1, 2], 9.0, "a") == [], "a's held ask rode on the copy of 0.20"
+
+
+def test_held_chunks_wait_until_devices_stop_joining_for_settle_s():
+    """Devices open their pull connection when the command reaches them: their head requests
+    trickle in. Released as soon as the early ones had all asked, the stragglers would need a copy."""
+    s = ChunkScheduler(gather_s=0.5, max_gather_s=2.0, start_s=0, settle_s=0.25)
+    s.claim("b", [HEAD], 0.00, "a")
+    s.claim("b", [HEAD], 0.01, "b")
+    assert s.claim("b", [0], 0.02, "a") == []
+    assert s.claim("b", [0], 0.05, "b") == [], "every joiner asked, but b joined 0.04 s ago"
+    assert s.next_release() == pytest.approx(0.26)
+    s.claim("b", [HEAD], 0.20, "straggler")
+    assert s.claim("b", [0], 0.22, "straggler") == [], "the straggler rides on the held copy"
+    assert s.release(0.44) == {}
+    assert s.next_release() == pytest.approx(0.45)
+    assert s.release(0.45) == {"b": [0]}, "one copy for all three"
 
 
 def test_a_device_alone_is_never_held():
@@ -158,7 +174,7 @@ def test_devices_that_keep_joining_are_waited_for_max_gather_s_at_most():
 
 
 def test_a_new_streams_first_chunks_wait_start_s_for_devices_starting_a_little_later():
-    s = ChunkScheduler(start_s=0.05, gather_s=0.5)
+    s = ChunkScheduler(start_s=0.05, gather_s=0.5, settle_s=0)
     s.claim("b", [HEAD], 0.00, "a")
     assert s.claim("b", [0, 1], 0.01, "a") == [], "nobody else yet, but the stream is new"
     assert s.next_release() == pytest.approx(0.06)
