@@ -10,8 +10,10 @@ without an error anywhere.
   queued per client) and the project's generated limits (``fleet.broker.render_mosquitto_conf``:
   ``max_queued_messages 0``, ``max_queued_bytes``, ``max_inflight_messages 100``; plain TCP);
 * receivers: raw paho (the slow handler is paho's ``on_message``, on the network thread, as a
-  naive client would write it) and our ``MqttLink`` (handlers run on a worker thread, so the
-  network thread keeps acknowledging and the broker never has to queue);
+  naive client would write it), our ``MqttLink`` (handlers run on a worker thread, so the
+  network thread keeps acknowledging and the broker never has to queue), and our ``BlobLink``
+  (the connection a device pulls models on: its handler runs on its only thread, so a slow one
+  stops its reads and the broker must queue, like raw paho);
 * protocols: MQTT 3.1.1 and MQTT 5 (paho's default Receive Maximum for raw; 65535 for ours).
 
 The receiver is done when every number arrived, or when nothing arrived for a quiet period
@@ -34,6 +36,7 @@ import paho.mqtt.client as paho
 from bench.common import Report, fmt_ratio, log, parse_args
 from bench.support import default_config, project_config, project_tuning, start_broker
 
+from agent.blob_link import BlobLink
 from agent.mqtt import MqttLink
 from agent.protocol.manifest import DEFAULT_CHUNK_SIZE
 
@@ -95,6 +98,21 @@ class LinkReceiver(Receiver):
         self.link.stop()
 
 
+class BlobLinkReceiver(Receiver):
+    def __init__(self, url: str, topic: str, protocol: str, slow_s: float) -> None:
+        super().__init__(slow_s)
+        self.link = BlobLink(url, f"blob-slow-{protocol.replace('.', '')}", protocol=protocol, backoff=(0.1, 1.0))
+        token = self.link.subscribe(topic, lambda message: self.take(message.payload), qos=1)
+        if not token.wait(15):
+            raise RuntimeError(f"BlobLink receiver did not connect and subscribe to {url}: {self.link.last_error}")
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+RECEIVERS = {"raw paho": RawReceiver, "MqttLink": LinkReceiver, "BlobLink": BlobLinkReceiver}
+
+
 def publish_all(url: str, topic: str, protocol: str, count: int) -> tuple[int, float]:
     """A bare paho publisher: ``count`` QoS 1 messages as fast as paho takes them; (acked, seconds)."""
     host, port = url.removeprefix("mqtt://").rsplit(":", 1)
@@ -123,8 +141,7 @@ def publish_all(url: str, topic: str, protocol: str, count: int) -> tuple[int, f
 
 def run_cell(url: str, topic: str, protocol: str, receiver_kind: str, count: int, slow_s: float,
              quiet_s: float) -> dict:
-    cls = RawReceiver if receiver_kind == "raw paho" else LinkReceiver
-    receiver = cls(url, topic, protocol, slow_s)
+    receiver = RECEIVERS[receiver_kind](url, topic, protocol, slow_s)
     try:
         acked, publish_s = publish_all(url, topic, protocol, count)
         start = time.monotonic()
@@ -162,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             broker = start_broker(config, Path(tmp) / config_name.replace(" ", "-"))
             try:
                 for protocol in ("3.1.1", "5"):
-                    for receiver_kind in ("raw paho", "MqttLink"):
+                    for receiver_kind in RECEIVERS:
                         topic = f"bench/noloss/{protocol}/{receiver_kind.replace(' ', '-')}"
                         cell = run_cell(broker.url, topic, protocol, receiver_kind, count, slow_s, quiet_s)
                         cell.update(config=config_name, protocol=protocol, receiver=receiver_kind)
@@ -184,15 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"litefleet generated limits: {'; '.join(project_tuning(DEFAULT_CHUNK_SIZE))} (plain TCP listener here; "
         "the generated file adds TLS, client certificates and the ACL)",
         "raw paho: the slow handler is on_message on paho's network thread; MqttLink: the handler runs on the "
-        "subscription's worker thread (agent/mqtt.py)",
+        "subscription's worker thread (agent/mqtt.py); BlobLink: on the link's only thread (agent/blob_link.py)",
     ]
     report.verdict("mosquitto defaults + slow raw MQTT 3.1.1 receiver loses messages silently (the problem exists)",
                    silent["lost"] > 0 and silent["acked"] == silent["sent"],
                    f"{silent['received']} of {silent['sent']} arrived, all {silent['acked']} acked by the broker")
     for protocol in ("3.1.1", "5"):
-        ours = cell("litefleet generated", protocol, "MqttLink")
-        report.verdict(f"litefleet config + MqttLink, MQTT {protocol}: nothing lost", ours["lost"] == 0,
-                       f"{ours['received']} of {ours['sent']} arrived")
+        for receiver_kind in ("MqttLink", "BlobLink"):
+            ours = cell("litefleet generated", protocol, receiver_kind)
+            report.verdict(f"litefleet config + {receiver_kind}, MQTT {protocol}: nothing lost", ours["lost"] == 0,
+                           f"{ours['received']} of {ours['sent']} arrived")
     report.data.update({"cells": cells, "slow_ms": args.slow_ms})
     report.print(args.json)
     return 0

@@ -53,7 +53,9 @@ def test_mqtt_benchmark_quick_prints_ratios(name: str) -> None:
     assert doc["verdicts"], f"bench.{name} states no verdict"
     if name == "mqtt_fanout":   # every simulated device really fetched the model
         assert next(v for v in doc["verdicts"] if v["name"] == "every device got the model")["passed"], doc["verdicts"]
-    if name == "mqtt_noloss":   # correctness, not speed: our configuration and link lose nothing
-        ours = [c for c in doc["cells"] if c["config"] == "litefleet generated" and c["receiver"] == "MqttLink"]
-        assert {c["protocol"] for c in ours} == {"3.1.1", "5"}
+    if name == "mqtt_noloss":   # correctness, not speed: our configuration and links lose nothing
+        ours = [c for c in doc["cells"] if c["config"] == "litefleet generated"
+                and c["receiver"] in ("MqttLink", "BlobLink")]
+        assert {(c["protocol"], c["receiver"]) for c in ours} == {(p, r) for p in ("3.1.1", "5")
+                                                                  for r in ("MqttLink", "BlobLink")}
         assert all(c["lost"] == 0 and c["received"] == c["sent"] for c in ours), ours
