@@ -61,8 +61,9 @@ from agent.protocol.topics import Topics
 
 log = logging.getLogger("litefleet.transfer")
 
-DEFAULT_WINDOW = 16                        # measured: 256 KiB x 16 reached 0.56x raw broker throughput, x 4 0.40x
-DEFAULT_MAX_INFLIGHT_BYTES = 4 * 1024 * 1024   # window x chunk size stays under this (256 KiB chunks -> 16)
+DEFAULT_WINDOW = 16                        # chunks in flight, capped by DEFAULT_MAX_INFLIGHT_BYTES
+DEFAULT_MAX_INFLIGHT_BYTES = 4 * 1024 * 1024   # window x chunk size stays under this: 4 of the default 1 MiB
+                                               # chunks, 16 of 256 KiB (docs/benchmarks-mqtt.md)
 DEFAULT_TIMEOUT_S = 60.0                   # give up when nothing useful arrived for this long
 PROGRESS_STEP = 25                         # percent between DEPLOY_PROGRESS events
 MAX_CHUNK_EVENTS = 10                      # rejected-chunk events per fetch (then only counted)

@@ -15,7 +15,7 @@ Two figures, each beside its baseline:
 * wall time of the 100 against one device alone (the median of one alone before and one after).
 
 Each pull uses its own signed random model of the same size, so what the repository remembers
-of one pull never serves the next. Chunks of 256 KiB and a window of 16: the defaults.
+of one pull never serves the next. The default chunk size and window (1 MiB, 4 in flight).
 
 The notes say where copies came from: how many times each chunk went out, how the devices' first
 requests spread in time, and how long the repository held the first chunks for devices still
@@ -40,7 +40,7 @@ from bench.support import (MB, BenchKeys, add_random_blob, devices_main, enable_
                            project_config, repository_main, spawn, start_broker)
 
 from agent.protocol.manifest import DEFAULT_CHUNK_SIZE
-from agent.transfer import DEFAULT_WINDOW
+from agent.transfer import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_WINDOW, max_window
 
 TARGET_BYTES = 1.2      # repository bytes published <= 1.2 x model size
 WORKERS = 4             # processes hosting the simulated devices (2 cores here)
@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args("100 devices pulling one model at once vs one device alone", argv, extra)
     count = args.devices or (10 if args.quick else 100)
     size = int((args.size_mb or (1 if args.quick else 4)) * MB)
-    chunk, window = DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
+    chunk = DEFAULT_CHUNK_SIZE
+    window = max_window(chunk, DEFAULT_WINDOW, DEFAULT_MAX_INFLIGHT_BYTES)   # what a device uses
     workers = min(WORKERS, count)
     if args.nodelay:
         enable_nodelay()

@@ -18,10 +18,12 @@ configuration: ``set_tcp_nodelay``, ``max_queued_messages 0``, ``max_inflight_me
 
 Both use MQTT 5 (our link's choice with mosquitto 2). Every window x chunk size; runs of ours
 and raw are interleaved so both see the same machine. ``max_inflight_bytes`` is lifted to
-window x chunk so the requested window is the window used (the Downloader's default of 1 MiB
-would cap 256 KiB chunks at 4 and 1 MiB chunks at 1).
+window x chunk so the requested window is the window used (a device's default of 4 MiB in
+flight caps 1 MiB chunks, the default size, at 4 and 256 KiB chunks at 16: the "defaults" verdict
+uses the former).
 
     .venv/bin/python -m bench.mqtt_pull [--quick] [--json] [--size-mb 15] [--repeats 3] [--start-s S]
+                                        [--chunk-kib K ...] [--windows W ...] [--nodelay]
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from agent.protocol.manifest import DEFAULT_CHUNK_SIZE
-from agent.transfer import DEFAULT_WINDOW
+from agent.transfer import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_WINDOW, max_window
 from bench.common import Report, fmt_ratio, log, parse_args, ratio
-from bench.support import (KiB, MB, MiB, BenchKeys, add_random_blob, enable_nodelay, expect, finish, link_nodelay,
+from bench.support import (KiB, MB, MiB, BenchKeys, add_random_blob, enable_nodelay, expect, finish,
                            make_device, median, project_config, project_tuning, raw_publisher_main, remove_blob,
                            repository_main, spawn, start_broker)
 
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--chunk-kib", type=int, nargs="+", help="chunk sizes in KiB (default 64 256 1024)")
         parser.add_argument("--windows", type=int, nargs="+", help="windows (default 1 2 4 8 16)")
         parser.add_argument("--nodelay", action="store_true",
-                            help="what-if: every paho client (raw and ours) sets TCP_NODELAY (see bench/support.py)")
+                            help="what-if: the raw paho clients set TCP_NODELAY too, as ours do (see bench/support.py)")
         parser.add_argument("--start-s", type=float, default=None,
                             help="what-if: how long the repository holds a new stream's first chunks for other "
                                  "devices (default: the repository's own; 0 turns it off)")
@@ -124,7 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         repo_proc = pub_proc = None
         subscriber = None
         device = None
-        nodelay_on = None
         try:
             from fleet.repository import BlobStore
             store = BlobStore(root / "repo", bench_keys.trusted())
@@ -141,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             device.link.start()
             if not device.link.wait_connected(15):
                 raise RuntimeError(f"device cannot connect to {broker.url}: {device.link.last_error}")
-            nodelay_on = link_nodelay(device.link)
             seed = 0
             log(f"mqtt_pull: {size / MB:g} MB model, chunks {[c // KiB for c in chunks]} KiB, windows {list(windows)}, "
                 f"{repeats} repeat(s), broker {broker.url}")
@@ -199,16 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    round(size / chunks_s / MB, 1), round(tail_s * 1000, 1), rerequests[(chunk, window)])
     best_key = max(medians, key=medians.get)
     lean = near_best(medians)
-    default = (DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW)
+    default = (DEFAULT_CHUNK_SIZE, max_window(DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, DEFAULT_MAX_INFLIGHT_BYTES))
     report.notes += [
-        "phases (medians): head = fetch() until the manifest is verified (subscribe, request, repository lookup, "
-        "signature, precheck, head saved with fsync); chunks = from there to the last chunk written (the rate is "
+        "phases (medians): head = fetch() until the manifest is verified (opening the pull connection, subscribe, "
+        "request, repository lookup, signature, precheck, head saved); chunks = from there to the last chunk written (the rate is "
         "over the whole model, including the repository's hold of a new stream's first chunks: start_s "
         f"{'default' if args.start_s is None else f'{args.start_s:g} s'}); tail = last chunk until fetch() "
         "returns (the model is handed over as a map of model.part: nothing re-read or hashed again)",
-        f"TCP_NODELAY on the clients' sockets: {'yes' if nodelay_on else 'no'}"
-        + (" (--nodelay what-if: set by the benchmark on every paho client, raw and ours)" if args.nodelay
-           else " (set by agent/mqtt.py; paho alone leaves Nagle on: --nodelay sets it on the raw clients too)"),
+        "TCP_NODELAY: set by the device's pull connection (agent/blob_link.py) and the repository's link "
+        f"(agent/mqtt.py); on the raw paho clients: {'yes (--nodelay)' if args.nodelay else 'no (paho leaves Nagle on; --nodelay sets it)'}",
         f"median of {repeats} run(s) each; MB = 10^6 bytes; ours = Downloader.fetch() wall time incl. head "
         f"request, signature check, per-chunk sha256 and writes to model.part",
         "raw = bare paho publisher process -> mosquitto -> bare paho subscriber counting messages, QoS 1, "
@@ -226,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.verdict(f"ours >= {TARGET:.0%} of raw at the best setting measured", got >= TARGET,
                    f"chunk {best_key[0] // KiB} KiB window {best_key[1]}: {medians[best_key]:.1f} MB/s vs raw "
                    f"{raw_medians[best_key[0]]:.1f} MB/s = {got:.2f}x")
-    report.data.update({"size_bytes": size, "repeats": repeats, "nodelay": bool(nodelay_on),
+    report.data.update({"size_bytes": size, "repeats": repeats, "raw_nodelay": bool(args.nodelay),
                         "ours_mbps": {f"{c}/{w}": v for (c, w), v in ours.items()},
                         "raw_mbps": {str(c): v for c, v in raw.items()},
                         "best": {"chunk": best_key[0], "window": best_key[1]},

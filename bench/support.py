@@ -145,10 +145,10 @@ def remove_blob(store: Any, blob_id: str) -> None:
 def enable_nodelay() -> None:
     """What-if: every paho client made in this process sets TCP_NODELAY on its socket.
 
-    paho-mqtt 2.2 never sets it and agent/mqtt.py does not either, so a small packet (a chunk
-    request, a PUBACK) sent while an earlier one is unacknowledged waits for the peer's delayed
-    ACK (Nagle; about 40 ms on Linux). The broker side is already fine (``set_tcp_nodelay true``).
-    Benchmarks call this only under ``--nodelay``, for the raw clients and ours alike.
+    paho-mqtt 2.2 never sets it, so a small packet (a request, a PUBACK) sent while an earlier
+    one is unacknowledged waits for the peer's delayed ACK (Nagle; about 40 ms on Linux).
+    agent/mqtt.py and agent/blob_link.py set it on ours; the broker side sets it too
+    (``set_tcp_nodelay true``). Benchmarks call this under ``--nodelay``, for the raw clients.
     """
     import socket
     import paho.mqtt.client as paho
@@ -162,15 +162,6 @@ def enable_nodelay() -> None:
         return sock
     create._lf_nodelay = True  # type: ignore[attr-defined]
     paho.Client._create_socket_connection = create
-
-
-def link_nodelay(link: Any) -> bool | None:
-    """Whether a connected MqttLink's socket has TCP_NODELAY set (None when not connected)."""
-    import socket
-    sock = link._client.socket()
-    if sock is None:
-        return None
-    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
 # --------------------------------------------------------------------------- child processes

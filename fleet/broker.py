@@ -27,7 +27,7 @@ from agent.protocol.topics import Topic, Topics, check_id
 from fleet import pki
 
 DEFAULT_PORT = 8883
-DEFAULT_CHUNK_SIZE = 256 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024      # agent/protocol/manifest.py: bundles are cut in these by default
 HEADROOM = 64 * 1024                  # chunk header, topic, MQTT 5 properties, the head message's manifest
 DEFAULT_MAX_QUEUED_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 100
