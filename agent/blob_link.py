@@ -28,7 +28,6 @@ acknowledged once its handler has returned.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -37,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.mqtt import Message, MqttError, NotConnected, TlsFiles, filter_matches, backoff_delay, parse_url
+from agent.mqtt import (Message, MqttError, NotConnected, TlsFiles, backoff_delay, filter_matches, open_socket,
+                        parse_url, read_or_wake)
 from agent.mqtt_wire import (DISCONNECT, PINGREQ, PROTOCOLS, MqttConnectRefused, PacketReader, ProtocolError,
                              connect_packet, decode_connack, decode_suback, puback_packets, publish_packet,
                              reason_text, subscribe_packet, unsubscribe_packet)
@@ -232,18 +232,7 @@ class BlobLink:
 
     # -- reader thread ------------------------------------------------------------------------------
     def _open(self) -> Any:
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-            if self.tls is not None:
-                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls.ca_file)
-                context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return open_socket(self.host, self.port, self.tls, timeout_s=self.connect_timeout_s, receive_buffer=RECEIVE_BUFFER)
 
     def _run(self, wake_r: socket.socket, wake_w: socket.socket) -> None:
         attempt = 0
@@ -323,27 +312,14 @@ class BlobLink:
         keepalive = self.keepalive_s
         pinged = False
         accepted = False
-        pending = getattr(sock, "pending", None)      # bytes already decrypted inside an ssl socket
-        recv = sock.recv
         while True:
             if self._stopping.is_set():
                 if accepted:
                     self._flush(sock, wake_r)
                     sock.sendall(DISCONNECT)
                 return accepted, "stopped"
-            data = None
-            if pending is not None and pending():
-                data = recv(READ_SIZE)
-            else:
-                tick = min(1.0, keepalive / 4) if keepalive else 1.0
-                readable, _, _ = select.select((sock, wake_r), (), (), tick)
-                if wake_r in readable:
-                    self._flush(sock, wake_r, send=accepted)
-                if sock in readable:
-                    try:
-                        data = recv(READ_SIZE)
-                    except (socket.timeout, TimeoutError, ssl.SSLWantReadError):
-                        data = None
+            tick = min(1.0, keepalive / 4) if keepalive else 1.0
+            data = read_or_wake(sock, wake_r, READ_SIZE, tick, lambda: self._flush(sock, wake_r, send=accepted))
             now = time.monotonic()
             if data is not None:
                 if not data:

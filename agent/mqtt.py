@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import select
 import socket
 import ssl
 import threading
@@ -118,6 +119,42 @@ def _no_delay(sock: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+def open_socket(host: str, port: int, tls: TlsFiles | None, *, timeout_s: float, receive_buffer: int) -> Any:
+    """A connected socket for the lean links that bypass paho (fleet/ingest_link.py,
+    agent/blob_link.py): TCP_NODELAY, a receive buffer of ``receive_buffer`` bytes, and mutual
+    TLS with ``tls`` when given (the broker's certificate checked against ``tls.ca_file``)."""
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+            sock = context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_or_wake(sock: Any, wake: socket.socket, size: int, timeout: float, on_wake: Callable[[], None]) -> bytes | None:
+    """One read of a lean link's loop: bytes an ssl socket already decrypted first, else wait up to
+    ``timeout`` for the socket or the link's wake-up socket (``on_wake`` runs for the latter).
+    None when nothing arrived, ``b""`` when the broker closed the connection."""
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():
+        return sock.recv(size)
+    readable, _, _ = select.select((sock, wake), (), (), timeout)
+    if wake in readable:
+        on_wake()
+    if sock not in readable:
+        return None
+    try:
+        return sock.recv(size)
+    except (socket.timeout, TimeoutError, ssl.SSLWantReadError):
+        return None
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:

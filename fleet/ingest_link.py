@@ -26,14 +26,13 @@ earlier connection instead of acknowledging a different message by accident.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import ssl
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from agent.mqtt import MqttError, TlsFiles, backoff_delay, parse_url
+from agent.mqtt import MqttError, TlsFiles, backoff_delay, open_socket, parse_url, read_or_wake
 from agent.mqtt_wire import (DISCONNECT, PINGREQ, MqttConnectRefused, PacketReader, ProtocolError, Publish,
                              connect_packet, decode_connack, decode_suback, puback_packets, reason_text,
                              subscribe_packet)
@@ -204,18 +203,7 @@ class IngestLink:
 
     # -- reader thread --------------------------------------------------------------------------
     def _open(self) -> Any:
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            if self.tls is not None:
-                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls.ca_file)
-                context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return open_socket(self.host, self.port, self.tls, timeout_s=self.connect_timeout_s, receive_buffer=1 << 20)
 
     def _run(self) -> None:
         attempt = 0
@@ -291,28 +279,18 @@ class IngestLink:
         pinged = False
         accepted = False
         tick = min(1.0, self.keepalive_s / 4) if self.keepalive_s else 1.0
-        pending = getattr(sock, "pending", None)      # bytes already decrypted inside an ssl socket
         wake = self._wake_r
-        recv = sock.recv
         size = self.read_size
+
+        def flush() -> None:
+            self._flush(sock)
         while True:
             if self._stopping.is_set():
                 if accepted:
                     self._flush(sock)
                     sock.sendall(DISCONNECT)
                 return accepted, "stopped"
-            data = None
-            if pending is not None and pending():
-                data = recv(size)
-            else:
-                readable, _, _ = select.select((sock, wake), (), (), tick)
-                if wake in readable:
-                    self._flush(sock)
-                if sock in readable:
-                    try:
-                        data = recv(size)
-                    except (socket.timeout, TimeoutError, ssl.SSLWantReadError):
-                        data = None
+            data = read_or_wake(sock, wake, size, tick, flush)
             now = time.monotonic()
             if data is not None:
                 if not data:
