@@ -56,7 +56,8 @@ from agent.errors import AgentError, InstallError
 from agent.events import Event, EventSink, discard
 from agent.protocol import messages
 from agent.protocol.bundle import blob_id as manifest_blob_id
-from agent.protocol.manifest import Manifest
+from agent.protocol.keys import atomic_write
+from agent.protocol.manifest import Manifest, ModelData
 from agent.protocol.topics import Topics
 
 log = logging.getLogger("litefleet.transfer")
@@ -267,8 +268,8 @@ class DownloadState:
         """Keep the verified head for a resumed fetch. Written whole (rename), not fsynced: a head
         lost or torn by a power cut fails its check on resume and is simply fetched again."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        _replace(self.dir / self.SIGNATURE, signature_bytes)
-        _replace(self.dir / self.MANIFEST, manifest_bytes)
+        atomic_write(self.dir / self.SIGNATURE, signature_bytes, durable=False)
+        atomic_write(self.dir / self.MANIFEST, manifest_bytes, durable=False)
 
     def open(self, manifest: Manifest) -> set[int]:
         """Open (or preallocate) ``model.part``; return the chunks already in it that verify."""
@@ -293,7 +294,7 @@ class DownloadState:
         assert self._fd is not None, "open() first"
         os.pwrite(self._fd, data, index * self._chunk_size)
 
-    def model(self) -> mmap.mmap | bytes:
+    def model(self) -> ModelData:
         """The assembled model: a read-only map of ``model.part``, valid after :meth:`close` and
         :meth:`discard` (the mapping keeps the file's pages). No fsync: the install stages its
         own durable copy, and a resumed download re-hashes every chunk on disk, so a torn write
@@ -311,17 +312,6 @@ class DownloadState:
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it into place: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
@@ -364,7 +354,7 @@ class Downloader:
         DownloadState(self.downloads_dir, blob_id).discard()
 
     def fetch(self, blob_id: str, *, window: int = DEFAULT_WINDOW,
-              timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bytes, bytes, mmap.mmap | bytes]:
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bytes, bytes, ModelData]:
         """Fetch blob ``blob_id`` (the sha256 of its signed manifest); return (manifest bytes,
         signature bytes, model): the manifest's signature and every chunk verified. The model is
         a read-only map of the downloaded file (no copy; ``bytes(model)`` for a copy); its whole
