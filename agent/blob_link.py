@@ -3,9 +3,9 @@
 Why not :class:`agent.mqtt.MqttLink` (paho): a model arrives as a few dozen messages of up to a
 MiB, and paho copies each one six times on its way in (the socket read, the packet buffer, and
 four ``struct.unpack`` slices in ``decode_publish``) before the fetch can hash it. Here one
-``recv`` of up to 1 MiB, one join when a message spans reads, and one slice for the payload:
-that made a 15 MB pull from a local mosquitto 15-23% faster (``bench/mqtt_pull.py``;
-docs/benchmarks-mqtt.md).
+``recv`` of up to 1 MiB, one join when a message spans reads, and one slice for the payload.
+In interleaved pulls of 15 MB from a local mosquitto in 1 MiB chunks it took the Downloader
+from 0.57x to 0.64x of raw broker throughput (``bench/mqtt_pull.py``; docs/benchmarks-mqtt.md).
 
 It has what :class:`agent.transfer.Downloader` uses of a link and nothing else: ``subscribe``
 (with a token to wait for the SUBACK, and the broker's refusal), ``unsubscribe``, ``publish``
