@@ -36,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.mqtt import (Message, MqttError, NotConnected, TlsFiles, backoff_delay, filter_matches, open_socket,
-                        parse_url, read_or_wake)
+from agent.mqtt import (Message, MqttError, NotConnected, TlsFiles, backoff_delay, broker_address, filter_matches,
+                        open_socket, read_or_wake)
 from agent.mqtt_wire import (DISCONNECT, PINGREQ, PROTOCOLS, MqttConnectRefused, PacketReader, ProtocolError,
                              connect_packet, decode_connack, decode_suback, puback_packets, publish_packet,
                              reason_text, subscribe_packet, unsubscribe_packet)
@@ -91,11 +91,7 @@ class BlobLink:
                  backoff: tuple[float, float] = (0.2, 5.0), connect_timeout_s: float = 10.0) -> None:
         if not client_id:
             raise MqttError("an MQTT client id is required")
-        self.host, self.port, use_tls = parse_url(url)
-        if use_tls and tls is None:
-            raise MqttError(f"{url}: mqtts:// needs TLS files (ca_file, cert_file, key_file)")
-        if tls is not None and not use_tls:
-            raise MqttError(f"{url}: TLS files given but the url is not mqtts://")
+        self.host, self.port = broker_address(url, tls)
         if not 0 <= keepalive_s <= 65535:
             raise MqttError(f"keepalive_s {keepalive_s} must be 0..65535")
         if isinstance(protocol, str) and protocol not in PROTOCOLS:

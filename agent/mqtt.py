@@ -157,6 +157,16 @@ def read_or_wake(sock: Any, wake: socket.socket, size: int, timeout: float, on_w
         return None
 
 
+def broker_address(url: str, tls: TlsFiles | None) -> tuple[str, int]:
+    """(host, port) of ``url``, refusing a TLS url without TLS files and TLS files with a plain url."""
+    host, port, use_tls = parse_url(url)
+    if use_tls and tls is None:
+        raise MqttError(f"{url}: mqtts:// needs TLS files (ca_file, cert_file, key_file)")
+    if tls is not None and not use_tls:
+        raise MqttError(f"{url}: TLS files given but the url is not mqtts://")
+    return host, port
+
+
 def parse_url(url: str) -> tuple[str, int, bool]:
     """``mqtt://host[:1883]`` or ``mqtts://host[:8883]`` -> (host, port, tls)."""
     parts = urlsplit(url)
@@ -345,11 +355,7 @@ class MqttLink:
             raise MqttError("an MQTT client id is required (the broker keeps the session under it)")
         if protocol not in ("5", "3.1.1", "auto"):
             raise MqttError(f"protocol {protocol!r} must be '5', '3.1.1' or 'auto'")
-        self.host, self.port, use_tls = parse_url(url)
-        if use_tls and tls is None:
-            raise MqttError(f"{url}: mqtts:// needs TLS files (ca_file, cert_file, key_file)")
-        if tls is not None and not use_tls:
-            raise MqttError(f"{url}: TLS files given but the url is not mqtts://")
+        self.host, self.port = broker_address(url, tls)
         self.url = url
         self.client_id = client_id
         self._requested = protocol

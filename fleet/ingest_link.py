@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from agent.mqtt import MqttError, TlsFiles, backoff_delay, open_socket, parse_url, read_or_wake
+from agent.mqtt import MqttError, TlsFiles, backoff_delay, broker_address, open_socket, read_or_wake
 from agent.mqtt_wire import (DISCONNECT, PINGREQ, MqttConnectRefused, PacketReader, ProtocolError, Publish,
                              connect_packet, decode_connack, decode_suback, puback_packets, reason_text,
                              subscribe_packet)
@@ -78,11 +78,7 @@ class IngestLink:
             raise MqttError(f"receive_maximum {receive_maximum} must be 1..65535")
         if not 0 <= keepalive_s <= 65535:
             raise MqttError(f"keepalive_s {keepalive_s} must be 0..65535")
-        self.host, self.port, use_tls = parse_url(url)
-        if use_tls and tls is None:
-            raise MqttError(f"{url}: mqtts:// needs TLS files (ca_file, cert_file, key_file)")
-        if tls is not None and not use_tls:
-            raise MqttError(f"{url}: TLS files given but the url is not mqtts://")
+        self.host, self.port = broker_address(url, tls)
         self.url = url
         self.client_id = client_id
         self.tls = tls
